@@ -1,0 +1,447 @@
+"""Run configuration: frozen dataclasses for every concern of METHOD.md.
+
+Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the bad
+field and value. ``to_dict``/``from_dict`` round-trip through JSON (unknown keys are errors),
+and :func:`config_hash` gives a stable content hash of the fields that change results; fields
+that only change speed or bookkeeping carry ``metadata={"hash": False}`` and are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+FilterShape = Literal["box", "gaussian", "butterworth"]
+BandOutput = Literal["real", "abs"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ReferenceChoice = Literal["other", "same"]
+MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "clipseg", "full"]
+SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
+RRABlock = Literal["down", "mid", "up"]
+
+T = TypeVar("T")
+
+
+def _not_hashed(default: Any) -> Any:
+    """A field that does not change results (speed, bookkeeping): left out of the hash."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in frozen configs")
+    return field(default=default, metadata={"hash": False})
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_fraction(name: str, value: float, *, open_low: bool = True) -> None:
+    low_ok = value > 0 if open_low else value >= 0
+    _check(low_ok and value <= 1 and math.isfinite(value), f"{name} must be in "
+           f"{'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
+
+
+def _check_literal(name: str, value: Any, allowed: Any) -> None:
+    options = typing.get_args(allowed)
+    _check(value in options, f"{name} must be one of {list(options)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FrequencyConfig:
+    """Frequency decomposition of concept images (METHOD.md §2).
+
+    Cutoffs are fractions of the half-spectrum (1.0 = Nyquist), so they scale with resolution:
+    the released 50 and 5 bins at 512 px are 50/256 and 5/256.
+    """
+
+    low_cutoff: float = 50 / 256  # the low-pass band keeps |u|,|v| below this
+    high_cutoff: float = 5 / 256  # the high-pass band removes |u|,|v| below this
+    filter_shape: FilterShape = "box"
+    butterworth_order: int = 2
+    p_low: float = 0.1
+    p_high: float = 0.1
+    p_full: float = 0.8
+    grayscale_bands: bool = True
+    band_output: BandOutput = "real"
+
+    def __post_init__(self) -> None:
+        _check_fraction("frequency.low_cutoff", self.low_cutoff)
+        _check_fraction("frequency.high_cutoff", self.high_cutoff)
+        _check(self.high_cutoff < self.low_cutoff,
+               f"frequency cutoffs are inverted: high_cutoff ({self.high_cutoff}) must be below "
+               f"low_cutoff ({self.low_cutoff})")
+        _check_literal("frequency.filter_shape", self.filter_shape, FilterShape)
+        _check_literal("frequency.band_output", self.band_output, BandOutput)
+        _check(self.butterworth_order >= 1,
+               f"frequency.butterworth_order must be >= 1, got {self.butterworth_order}")
+        for name in ("p_low", "p_high", "p_full"):
+            _check_fraction(f"frequency.{name}", getattr(self, name), open_low=False)
+        total = self.p_low + self.p_high + self.p_full
+        _check(abs(total - 1.0) < 1e-6,
+               f"frequency band probabilities must sum to 1, got p_low+p_high+p_full = {total:g}")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Subject masks for the mask-guided diffusion process (METHOD.md §4)."""
+
+    extractor: MaskExtractorName = "grabcut"
+    fallback: MaskExtractorName = "full"
+    dilation_iterations: int = 5
+    dilation_kernel: int = 5
+    clipseg_threshold: float = 0.4
+    segmentation_model: str = ""  # local path or hub id for grounded-sam / clipseg
+    detector_model: str = ""  # Grounding DINO for grounded-sam
+
+    def __post_init__(self) -> None:
+        _check_literal("masks.extractor", self.extractor, MaskExtractorName)
+        _check_literal("masks.fallback", self.fallback, MaskExtractorName)
+        _check(self.dilation_iterations >= 0,
+               f"masks.dilation_iterations must be >= 0, got {self.dilation_iterations}")
+        _check(self.dilation_kernel >= 1 and self.dilation_kernel % 2 == 1,
+               f"masks.dilation_kernel must be a positive odd number, got {self.dilation_kernel}")
+        _check_fraction("masks.clipseg_threshold", self.clipseg_threshold)
+
+
+@dataclass(frozen=True)
+class RRAConfig:
+    """Residual reference attention (METHOD.md §5)."""
+
+    blocks: tuple[RRABlock, ...] = ("mid", "up")
+    timestep_gap: int = 2
+    reference: ReferenceChoice = "other"  # training reference: another photo, or the same one
+    inference_caption: str = "a {class_noun}"
+
+    def __post_init__(self) -> None:
+        _check(len(self.blocks) > 0, "rra.blocks must name at least one of down/mid/up")
+        for block in self.blocks:
+            _check_literal("rra.blocks[]", block, RRABlock)
+        _check(len(set(self.blocks)) == len(self.blocks), f"rra.blocks repeats: {self.blocks}")
+        _check(self.timestep_gap >= 0, f"rra.timestep_gap must be >= 0, got {self.timestep_gap}")
+        _check_literal("rra.reference", self.reference, ReferenceChoice)
+        _check(bool(self.inference_caption.strip()), "rra.inference_caption must not be empty")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (METHOD.md §4, §6): L = L_inst + prior·L_prior + xattn·L_xattn + rra·L_rra."""
+
+    prior_weight: float = 1.0
+    xattn_weight: float = 0.1
+    rra_weight: float = 0.1
+    xattn_resolution: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("prior_weight", "xattn_weight", "rra_weight"):
+            value = getattr(self, name)
+            _check(value >= 0 and math.isfinite(value),
+                   f"losses.{name} must be a finite number >= 0, got {value!r}")
+        _check(self.xattn_resolution >= 1,
+               f"losses.xattn_resolution must be >= 1, got {self.xattn_resolution}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which parts of EqDiff are on. Named presets are in :data:`METHOD_PRESETS`."""
+
+    name: str = "eqdiff"
+    fdte: bool = True  # two frequency embeddings (LF, HF) on band images; else one embedding
+    mgdp: bool = True  # mask-guided noising and loss
+    rra: bool = True  # residual reference attention
+    train_kv: bool = True  # Custom-Diffusion K/V copies in cross-attention
+    xattn_loss: bool = True
+    rra_loss: bool = True
+    prior_preservation: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
+               f"method.name must be letters, digits, '-' or '_', got {self.name!r}")
+        _check(not (self.rra_loss and not self.rra),
+               f"method {self.name!r}: rra_loss needs rra=True")
+
+
+METHOD_PRESETS: dict[str, MethodConfig] = {
+    "eqdiff": MethodConfig(name="eqdiff"),
+    "eqdiff-no-fdte": MethodConfig(name="eqdiff-no-fdte", fdte=False),
+    "eqdiff-no-mgdp": MethodConfig(name="eqdiff-no-mgdp", mgdp=False),
+    "eqdiff-no-rra": MethodConfig(name="eqdiff-no-rra", rra=False, rra_loss=False),
+    "custom-diffusion": MethodConfig(name="custom-diffusion", fdte=False, mgdp=False, rra=False,
+                                     xattn_loss=False, rra_loss=False),
+    "textual-inversion": MethodConfig(name="textual-inversion", fdte=False, mgdp=False, rra=False,
+                                      train_kv=False, xattn_loss=False, rra_loss=False,
+                                      prior_preservation=False),
+}
+
+
+def method_preset(name: str) -> MethodConfig:
+    """The named method preset; a clear error lists the known names."""
+    try:
+        return METHOD_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Customization training (METHOD.md §7)."""
+
+    steps: int = 600
+    instance_batch: int = 2
+    prior_batch: int = 2
+    num_prior_images: int = 200
+    prior_seed: int = 0
+    learning_rate: float = 4e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    grad_clip: float = 1.0
+    resolution: int = 512
+    placeholder_token: str = "<eqd>"
+    initializer_token: str = "ktn"
+    seed: int = 0
+    precision: Precision = _not_hashed("auto")
+    checkpoint_every: int = _not_hashed(100)
+    validation_every: int = _not_hashed(0)  # 0: no validation images
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "instance_batch", "num_prior_images", "resolution"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1,
+                   f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("prior_batch", "checkpoint_every", "validation_every", "seed", "prior_seed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0,
+                   f"train.{name} must be an integer >= 0, got {value!r}")
+        _check(self.resolution % 8 == 0,
+               f"train.resolution must be a multiple of 8, got {self.resolution}")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+               f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"train.{name} must be in [0, 1), got {value!r}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.adam_epsilon > 0, f"train.adam_epsilon must be > 0, got {self.adam_epsilon}")
+        _check(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
+        _check_literal("train.precision", self.precision, Precision)
+        _check(self.placeholder_token.strip() == self.placeholder_token
+               and " " not in self.placeholder_token and self.placeholder_token,
+               f"train.placeholder_token must be one word, got {self.placeholder_token!r}")
+        _check(bool(self.initializer_token.strip()),
+               "train.initializer_token must not be empty")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Generation for evaluation (METHOD.md §7: DDIM 50, eta 0, CFG 7.5, negative prompt "")."""
+
+    scheduler: SchedulerName = "ddim"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    negative_prompt: str = ""
+    images_per_prompt: int = 4
+    seed: int = 0
+    resolution: int = 512
+    batch_size: int = _not_hashed(8)
+
+    def __post_init__(self) -> None:
+        _check_literal("sample.scheduler", self.scheduler, SchedulerName)
+        for name in ("steps", "images_per_prompt", "batch_size", "resolution"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1,
+                   f"sample.{name} must be a positive integer, got {value!r}")
+        _check(self.guidance_scale >= 1.0,
+               f"sample.guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
+        _check(0.0 <= self.eta <= 1.0, f"sample.eta must be in [0, 1], got {self.eta}")
+        _check(self.seed >= 0, f"sample.seed must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation models (EVALUATION.md). Each is a local path or a hub id."""
+
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"  # open_clip tag, or a local weights file / folder
+    dino_model: str = "facebook/dino-vits16"
+    batch_size: int = _not_hashed(32)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.clip_model), "eval.clip_model must not be empty")
+        _check(bool(self.dino_model), "eval.dino_model must not be empty")
+        _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base text-to-image model: a local diffusers folder, a hub id or a single file."""
+
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str = ""
+    local_files_only: bool = _not_hashed(False)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.base_model.strip()), "model.base_model must not be empty")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where artifacts go: a local folder (default), ``file:///…`` or ``s3://bucket/prefix``."""
+
+    url: str = _not_hashed("./artifacts")
+    endpoint_url: str = _not_hashed("")
+    region: str = _not_hashed("")
+    cache_dir: str = _not_hashed("")  # local cache for S3 reads; default under the user cache
+
+    def __post_init__(self) -> None:
+        _check(bool(self.url), "storage.url must not be empty")
+        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        _check(scheme in ("", "file", "s3"),
+               f"storage.url scheme must be file:// or s3:// (or a plain path), got {self.url!r}")
+        _check(not self.endpoint_url or self.endpoint_url.startswith(("http://", "https://")),
+               f"storage.endpoint_url must start with http:// or https://, got "
+               f"{self.endpoint_url!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one customization run needs, section by section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    methods: tuple[MethodConfig, ...] = (METHOD_PRESETS["eqdiff"],)
+    frequency: FrequencyConfig = field(default_factory=FrequencyConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    rra: RRAConfig = field(default_factory=RRAConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.methods) > 0, "methods must name at least one method")
+        names = [m.name for m in self.methods]
+        _check(len(set(names)) == len(names), f"methods repeat a name: {names}")
+
+    def method(self, name: str) -> MethodConfig:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise ValueError(f"method {name!r} is not in this run; run has {[m.name for m in self.methods]}")
+
+
+# --------------------------------------------------------------------------- serialisation
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"expected a config dataclass, got {type(config).__name__}")
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, where=where)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        item_type = args[0]
+        return tuple(_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _method_from(value: Any, where: str) -> MethodConfig:
+    """Methods may be given by preset name or as a full mapping."""
+    if isinstance(value, str):
+        return method_preset(value)
+    return _coerce(MethodConfig, value, where)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build ``cls`` from a dict such as :func:`to_dict` returns. Unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                         f"known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{where}.{name}" if where else name
+        if cls is RunConfig and name == "methods":
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ValueError(f"methods must be a list, got {value!r}")
+            kwargs[name] = tuple(_method_from(v, f"methods[{i}]") for i, v in enumerate(value))
+        else:
+            kwargs[name] = _coerce(hints[name], value, sub)
+    return cls(**kwargs)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def from_json(cls: type[T], text: str) -> T:
+    return from_dict(cls, json.loads(text))
+
+
+def with_overrides(config: T, overrides: dict[str, Any]) -> T:
+    """A copy of ``config`` with dotted-key overrides, e.g. ``{"train.steps": 50}``."""
+    data = to_dict(config)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"unknown config key {dotted!r}")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ValueError(f"unknown config key {dotted!r}")
+        node[parts[-1]] = value
+    return from_dict(type(config), data)
+
+
+# --------------------------------------------------------------------------- hashing
+
+def _hashable_view(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        return {f.name: _hashable_view(getattr(config, f.name))
+                for f in dataclasses.fields(config) if f.metadata.get("hash", True)}
+    if isinstance(config, (list, tuple)):
+        return [_hashable_view(v) for v in config]
+    if isinstance(config, float):
+        return repr(config)  # exact, stable across platforms
+    return config
+
+
+def config_hash(*parts: Any, length: int = 16) -> str:
+    """A stable content hash of config sections (and plain JSON values) that change results.
+
+    Fields marked ``metadata={"hash": False}`` (batch sizes for inference, checkpoint
+    intervals, storage location) do not change the hash.
+    """
+    payload = json.dumps([_hashable_view(p) for p in parts], sort_keys=True,
+                         separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]

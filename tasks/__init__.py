@@ -1,0 +1,1 @@
+"""Prefect tasks: resolve inputs, call one eqdiff function, store, return keys."""
