@@ -332,7 +332,8 @@ class RunConfig:
         for method in self.methods:
             if method.name == name:
                 return method
-        raise ValueError(f"method {name!r} is not in this run; run has {[m.name for m in self.methods]}")
+        known = [m.name for m in self.methods]
+        raise ValueError(f"method {name!r} is not in this run; the run has {known}")
 
 
 # --------------------------------------------------------------------------- serialisation

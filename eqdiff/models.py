@@ -1,0 +1,174 @@
+"""Loading Stable Diffusion 1.x components from a local folder, a hub id or a single file.
+
+Every loader goes through the same ``from_pretrained`` path whether the weights are real
+(SD-1.5 from the hub cache or a folder) or the tiny offline models of :mod:`eqdiff.zoo`.
+Weights are only read from safetensors: pickled checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+SD_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class ModelLoadError(ValueError):
+    """A base model could not be loaded; the message says which path or id and what to check."""
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x model that customization needs."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    source: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel, derived from the VAE (8 for SD-1.x, 2 for the tiny model)."""
+        return vae_scale_factor(self.vae)
+
+    def latent_size(self, resolution: int) -> int:
+        if resolution % self.vae_scale_factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale "
+                             f"factor {self.vae_scale_factor}")
+        return resolution // self.vae_scale_factor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SDComponents:
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def freeze(self) -> SDComponents:
+        """Frozen, eval-mode modules: the customization methods add their own trainable tensors."""
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def load_sd_components(source: str, *, revision: str | None = None,
+                       local_files_only: bool = False, config_folder: str | None = None,
+                       torch_dtype: torch.dtype | None = None) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the DDPM training scheduler.
+
+    ``source`` is a diffusers-layout folder, a hub id (``org/name``; read from the local
+    Hugging Face cache when ``local_files_only`` or ``HF_HUB_OFFLINE=1``), or a single
+    ``.safetensors`` checkpoint (then ``config_folder`` names a diffusers folder or hub id
+    holding the component configs, since nothing may be fetched).
+    """
+    source = str(source)
+    expanded = Path(source).expanduser()
+    if expanded.suffix == ".safetensors":
+        return _load_single_file(expanded, config_folder=config_folder,
+                                 local_files_only=local_files_only, torch_dtype=torch_dtype)
+    if expanded.suffix in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{source}: pickled checkpoints are not loaded (they can run code); "
+                             "convert it to .safetensors or give a diffusers folder")
+    if expanded.is_dir():
+        missing = [s for s in SD_SUBFOLDERS if not (expanded / s).is_dir()]
+        if missing:
+            raise ModelLoadError(f"{expanded} is not a diffusers Stable Diffusion folder: missing "
+                                 f"subfolder(s) {missing}")
+        location = str(expanded)
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"base model folder {expanded} does not exist")
+    else:
+        location = source
+    offline = local_files_only or _offline()
+    kwargs: dict[str, Any] = {"local_files_only": offline}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            location, subfolder="text_encoder", use_safetensors=True, dtype=torch_dtype,
+            **kwargs)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=True,
+                                            torch_dtype=torch_dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet",
+                                                    use_safetensors=True,
+                                                    torch_dtype=torch_dtype, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError) as err:
+        hint = ("it is not in the local Hugging Face cache and downloads are off "
+                "(HF_HUB_OFFLINE / local_files_only)" if offline and location == source
+                else "check the id, the revision and your network or HF token")
+        raise ModelLoadError(f"could not load base model {source!r}: {hint}. ({err})") from err
+    logger.info("loaded base model %s (unet %.0fM params)", source,
+                sum(p.numel() for p in unet.parameters()) / 1e6)
+    return SDComponents(tokenizer, text_encoder, vae, unet, scheduler, source)
+
+
+def _load_single_file(path: Path, *, config_folder: str | None, local_files_only: bool,
+                      torch_dtype: torch.dtype | None) -> SDComponents:
+    from diffusers import StableDiffusionPipeline
+
+    if not path.is_file():
+        raise ModelLoadError(f"single-file checkpoint {path} does not exist")
+    if config_folder is None:
+        raise ModelLoadError(f"{path}: a single-file checkpoint needs config_folder (a diffusers "
+                             "folder or hub id with the SD-1.x component configs)")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=config_folder, local_files_only=local_files_only or _offline(),
+            torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load single-file checkpoint {path}: {err}") from err
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return SDComponents(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler,
+                        str(path))
+
+
+def model_identity(source: str) -> str:
+    """A short stable name for a base model, for cache keys and concept compatibility checks.
+
+    A hub id stays as it is; a local folder (or file) is named by its name plus a hash of
+    its component configs and a sample of every weights file (size, first and last MiB), so
+    two different local models never share a name without reading gigabytes.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    digest = hashlib.sha256()
+    for sub in ("unet/config.json", "text_encoder/config.json", "vae/config.json"):
+        file = path / sub
+        if file.is_file():
+            digest.update(file.read_bytes())
+    weights_files = [path] if path.is_file() else sorted(path.glob("*/*.safetensors"))
+    for weights in weights_files:
+        digest.update(_weights_fingerprint(weights))
+    return f"{path.name}-{digest.hexdigest()[:12]}"
+
+
+def _weights_fingerprint(file: Path, sample: int = 1 << 20) -> bytes:
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(sample)
+        handle.seek(max(size - sample, 0))
+        tail = handle.read(sample)
+    return f"{file.name}:{size}:".encode() + hashlib.sha256(head + tail).digest()
