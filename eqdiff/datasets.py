@@ -1,0 +1,532 @@
+"""Subjects, classes and prompt sets; the DreamBench and plain-folder dataset layouts.
+
+Two layouts are read, and :func:`load_dataset` tells them apart:
+
+- **DreamBench**: ``prompts_and_classes.txt`` next to one folder per subject (or inside a
+  ``dataset/`` sub-folder). The file is a ``subject_name,class`` table followed by two
+  Python-like lists of prompt templates (objects, then live subjects); see
+  :func:`parse_dreambench_prompts`. It is parsed, never evaluated.
+- **plain**: one folder per subject plus ``subjects.csv`` (columns ``subject,class[,kind]
+  [,prompt_set]``) or ``subjects.yaml`` (a ``subjects:`` list of mappings with the same keys and
+  optional inline ``prompt_sets:``). Extra prompt sets may be given as ``prompts/<name>.txt``
+  (one template per line, ``#`` comments).
+
+Subject-level trouble (a listed subject without a folder, a folder nobody listed, too few
+images) is collected as :class:`DatasetProblem`\\ s and does not stop loading; a malformed index
+file raises ``ValueError`` naming the file and line. Masks supplied by the user live in a
+``masks/`` folder inside the subject folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import logging
+import re
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from eqdiff.images import list_images
+
+logger = logging.getLogger(__name__)
+
+SubjectKind = Literal["object", "live"]
+SUBJECT_KINDS: tuple[str, ...] = ("object", "live")
+LIVE_CLASSES = frozenset({"cat", "dog"})
+DEFAULT_MIN_IMAGES = 3
+MASKS_FOLDER = "masks"
+PROMPTS_FOLDER = "prompts"
+DREAMBENCH_INDEX = "prompts_and_classes.txt"
+PLAIN_INDEXES = ("subjects.csv", "subjects.yaml", "subjects.yml")
+OBJECT_PROMPTS = "dreambench-object"
+LIVE_PROMPTS = "dreambench-live"
+STYLE_PROMPTS = "style"
+TEMPLATE_FIELDS = frozenset({"token", "class_noun"})
+_SUBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+ProblemKind = Literal["missing_folder", "unlisted_folder", "too_few_images", "no_images"]
+Layout = Literal["dreambench", "plain"]
+
+
+def validate_subject_name(name: str) -> str:
+    """Return ``name`` if it is a safe subject name, else raise ``ValueError``.
+
+    Allowed: 1–128 characters from letters, digits, ``.``, ``_`` and ``-``, starting with a letter
+    or digit — so no path separators, no ``..``, no hidden names; safe as a folder name and as a
+    storage-key component.
+    """
+    if not isinstance(name, str) or not _SUBJECT_NAME.fullmatch(name):
+        raise ValueError(f"invalid subject name {name!r}: use 1-128 letters, digits, '.', '_' or "
+                         "'-', starting with a letter or digit (no path separators)")
+    return name
+
+
+def kind_for_class(class_noun: str) -> SubjectKind:
+    """DreamBench's rule: subjects whose class is ``cat`` or ``dog`` are live, others objects."""
+    return "live" if class_noun.strip().lower() in LIVE_CLASSES else "object"
+
+
+def _check_class_noun(class_noun: str, where: str) -> str:
+    cleaned = " ".join(str(class_noun).split())
+    if not cleaned:
+        raise ValueError(f"{where}: the class noun is empty")
+    if "{" in cleaned or "}" in cleaned:
+        raise ValueError(f"{where}: the class noun {class_noun!r} must not contain braces")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject to customize: its photos, class noun and evaluation prompt set."""
+
+    name: str
+    class_noun: str
+    kind: SubjectKind
+    image_paths: tuple[Path, ...]
+    mask_dir: Path | None = None  # user-supplied masks, matched by image file stem
+    prompt_set: str = ""  # "" = the DreamBench list for ``kind``
+
+    def __post_init__(self) -> None:
+        validate_subject_name(self.name)
+        _check_class_noun(self.class_noun, f"subject {self.name!r}")
+        if self.kind not in SUBJECT_KINDS:
+            raise ValueError(f"subject {self.name!r}: kind must be one of {list(SUBJECT_KINDS)}, "
+                             f"got {self.kind!r}")
+        if not self.prompt_set:
+            object.__setattr__(self, "prompt_set",
+                               LIVE_PROMPTS if self.kind == "live" else OBJECT_PROMPTS)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Named prompt templates with ``{token}`` and ``{class_noun}`` placeholders."""
+
+    name: str
+    templates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"prompt set name must be letters, digits, '-' or '_', "
+                             f"got {self.name!r}")
+        if not self.templates:
+            raise ValueError(f"prompt set {self.name!r} has no templates")
+        for template in self.templates:
+            check_template(template, where=f"prompt set {self.name!r}")
+
+    def render(self, token: str, class_noun: str) -> list[str]:
+        """Prompts with the placeholder token, e.g. ``"a <eqd> dog in the jungle"``."""
+        return [_squash(t.format(token=token, class_noun=class_noun)) for t in self.templates]
+
+    def render_plain(self, class_noun: str) -> list[str]:
+        """Prompts without the placeholder (for CLIP-T), e.g. ``"a dog in the jungle"``."""
+        return self.render("", class_noun)
+
+    def __len__(self) -> int:
+        return len(self.templates)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_template(template: str, *, where: str = "template") -> str:
+    """Validate a prompt template: only ``{token}``/``{class_noun}`` fields, ``{token}`` present."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as error:
+        raise ValueError(f"{where}: malformed template {template!r} ({error})") from error
+    unknown = sorted(set(fields) - TEMPLATE_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: template {template!r} uses unknown field(s) {unknown}; "
+                         f"allowed: {{token}}, {{class_noun}}")
+    if "token" not in fields:
+        raise ValueError(f"{where}: template {template!r} lacks the {{token}} placeholder")
+    return template
+
+
+@dataclass(frozen=True)
+class DatasetProblem:
+    """A subject-level problem found while loading; reported, not fatal."""
+
+    kind: ProblemKind
+    subject: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Subjects (sorted by name), the prompt sets they use, and the problems found."""
+
+    root: Path
+    layout: Layout
+    subjects: tuple[Subject, ...]
+    prompt_sets: tuple[PromptSet, ...]
+    problems: tuple[DatasetProblem, ...] = ()
+
+    def subject(self, name: str) -> Subject:
+        """The subject called ``name``; ``KeyError`` lists the known names."""
+        for subject in self.subjects:
+            if subject.name == name:
+                return subject
+        raise KeyError(f"no subject {name!r}; known: {[s.name for s in self.subjects]}")
+
+    def prompt_set(self, name: str) -> PromptSet:
+        """The prompt set called ``name``; ``KeyError`` lists the known names."""
+        for prompt_set in self.prompt_sets:
+            if prompt_set.name == name:
+                return prompt_set
+        raise KeyError(f"no prompt set {name!r}; known: {[p.name for p in self.prompt_sets]}")
+
+    def prompts_for(self, subject: Subject | str) -> PromptSet:
+        """The evaluation prompt set of a subject."""
+        if isinstance(subject, str):
+            subject = self.subject(subject)
+        return self.prompt_set(subject.prompt_set)
+
+
+# --------------------------------------------------------------------------- built-in prompts
+
+def _read_package_json(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("eqdiff").joinpath("data", name).read_text("utf-8"))
+
+
+def builtin_prompt_sets() -> tuple[PromptSet, ...]:
+    """DreamBench's object and live lists (a copy of the public benchmark's 25 + 25 templates)
+    and our own style list."""
+    dreambench = _read_package_json("dreambench_prompts.json")
+    style = _read_package_json("style_prompts.json")
+    return (PromptSet(OBJECT_PROMPTS, tuple(dreambench["object"])),
+            PromptSet(LIVE_PROMPTS, tuple(dreambench["live"])),
+            PromptSet(STYLE_PROMPTS, tuple(style["templates"])))
+
+
+# --------------------------------------------------------------------------- DreamBench file
+
+@dataclass(frozen=True)
+class DreamBenchIndex:
+    """Contents of a DreamBench ``prompts_and_classes.txt``."""
+
+    classes: Mapping[str, str]  # subject name → class noun, in file order
+    object_templates: tuple[str, ...]
+    live_templates: tuple[str, ...]
+
+
+_LIST_START = re.compile(r"[A-Za-z_]\w*\s*=\s*\[")
+_LIST_ITEM = re.compile(
+    r"""(?P<literal>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+    r"""\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?""")
+_SECTION_HEADERS = {"classes": None, "prompts": None, "object prompts": "object",
+                    "live subject prompts": "live", "live prompts": "live"}
+_POSITIONAL_FIELDS = {"0": "{token}", "1": "{class_noun}"}
+
+
+def _template_from_format_string(text: str, where: str) -> str:
+    """``'a {0} {1} x'`` → ``'a {token} {class_noun} x'``; only ``{0}``/``{1}`` allowed."""
+    parts = []
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as error:
+        raise ValueError(f"{where}: malformed template {text!r} ({error})") from error
+    for literal, field_name, spec, conversion in parsed:
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field_name is None:
+            continue
+        if field_name not in _POSITIONAL_FIELDS or spec or conversion:
+            raise ValueError(f"{where}: template {text!r} may only use {{0}} (token) and {{1}} "
+                             f"(class), found {{{field_name}}}")
+        parts.append(_POSITIONAL_FIELDS[field_name])
+    return check_template("".join(parts), where=where)
+
+
+def parse_dreambench_prompts(text: str, *, source: str = DREAMBENCH_INDEX) -> DreamBenchIndex:
+    """Parse DreamBench's ``prompts_and_classes.txt`` without evaluating it.
+
+    Accepted, line by line (blank lines and ``#`` comments anywhere): the section headers
+    ``Classes``, ``Prompts``, ``Object Prompts``, ``Live Subject Prompts``; a class table
+    (an optional ``subject_name,class`` header, then ``name,class`` rows — the class may contain
+    spaces); then exactly two lists ``name = [`` … ``]`` whose items are
+    ``'…'.format(unique_token, class_token)`` (the string is read with ``ast.literal_eval``).
+    The first list (or the one under ``Object Prompts``) is for objects, the other for live
+    subjects. Anything else raises ``ValueError`` naming ``source`` and the line number.
+    """
+    classes: dict[str, str] = {}
+    lists: dict[str, list[str]] = {}
+    pending_header: str | None = None
+    current: list[str] | None = None
+    current_kind = ""
+    list_start_line = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        where = f"{source}:{number}"
+        if not line or line.startswith("#"):
+            continue
+        if current is not None:
+            if line == "]":
+                if not current:
+                    raise ValueError(f"{where}: the {current_kind} prompt list is empty")
+                lists[current_kind], current = current, None
+                continue
+            item = _LIST_ITEM.fullmatch(line)
+            if item is None:
+                raise ValueError(f"{where}: expected a prompt like "
+                                 f"'a {{0}} {{1}} ...'.format(unique_token, class_token) or ']', "
+                                 f"got {line!r}")
+            literal = ast.literal_eval(item.group("literal"))
+            current.append(_template_from_format_string(literal, where))
+            continue
+        if line.lower() in _SECTION_HEADERS:
+            pending_header = _SECTION_HEADERS[line.lower()] or pending_header
+            continue
+        if _LIST_START.fullmatch(line):
+            current_kind = pending_header or ("object" if "object" not in lists else "live")
+            if current_kind in lists:
+                raise ValueError(f"{where}: a second {current_kind} prompt list")
+            current, list_start_line, pending_header = [], number, None
+            continue
+        if lists:
+            raise ValueError(f"{where}: unexpected text after the prompt lists: {line!r}")
+        if line.replace(" ", "").lower() == "subject_name,class":
+            continue
+        name, comma, class_noun = line.partition(",")
+        if not comma:
+            raise ValueError(f"{where}: expected a 'subject_name,class' row, a section header or "
+                             f"a prompt list, got {line!r}")
+        name = name.strip()
+        try:
+            validate_subject_name(name)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if name in classes:
+            raise ValueError(f"{where}: subject {name!r} is listed twice")
+        classes[name] = _check_class_noun(class_noun, where)
+    if current is not None:
+        raise ValueError(f"{source}:{list_start_line}: the prompt list opened here is never "
+                         "closed with ']'")
+    if not classes:
+        raise ValueError(f"{source}: no 'subject_name,class' rows found")
+    missing = [kind for kind in SUBJECT_KINDS if kind not in lists]
+    if missing:
+        raise ValueError(f"{source}: expected an object and a live prompt list; missing "
+                         f"{missing}")
+    return DreamBenchIndex(classes=classes, object_templates=tuple(lists["object"]),
+                           live_templates=tuple(lists["live"]))
+
+
+# --------------------------------------------------------------------------- readers
+
+def _folder_problems(name: str, images: list[Path], min_images: int) -> list[DatasetProblem]:
+    if not images:
+        return [DatasetProblem("no_images", name, f"subject {name!r}: its folder has no image "
+                                                  "files")]
+    if len(images) < min_images:
+        return [DatasetProblem("too_few_images", name,
+                               f"subject {name!r}: {len(images)} image(s), need at least "
+                               f"{min_images}")]
+    return []
+
+
+def _make_subjects(root: Path, entries: Iterable[tuple[str, str, str, str]], min_images: int,
+                   reserved: frozenset[str]) -> tuple[list[Subject], list[DatasetProblem]]:
+    """Subjects for the (name, class, kind, prompt_set) entries, plus the folder problems."""
+    subjects, problems = [], []
+    listed = set()
+    for name, class_noun, kind, prompt_set in entries:
+        listed.add(name)
+        folder = root / name
+        if not folder.is_dir():
+            problems.append(DatasetProblem("missing_folder", name,
+                                           f"subject {name!r} is listed but {folder} is missing"))
+            continue
+        images = list_images(folder)
+        problems += _folder_problems(name, images, min_images)
+        masks = folder / MASKS_FOLDER
+        subjects.append(Subject(name=name, class_noun=class_noun, kind=kind,
+                                image_paths=tuple(images),
+                                mask_dir=masks if masks.is_dir() else None,
+                                prompt_set=prompt_set))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name in listed or folder.name in reserved or folder.name[0] in "._":
+            continue
+        problems.append(DatasetProblem("unlisted_folder", folder.name,
+                                       f"folder {folder} is not listed in the index, so its "
+                                       "class is unknown; skipped"))
+    subjects.sort(key=lambda s: s.name)
+    return subjects, problems
+
+
+def _merge_prompt_sets(*groups: Iterable[PromptSet]) -> tuple[PromptSet, ...]:
+    """Later groups replace earlier sets of the same name."""
+    merged: dict[str, PromptSet] = {}
+    for group in groups:
+        for prompt_set in group:
+            merged[prompt_set.name] = prompt_set
+    return tuple(merged.values())
+
+
+def dreambench_root(path: str | Path) -> Path | None:
+    """The folder holding ``prompts_and_classes.txt``: ``path`` or ``path/dataset``; else None."""
+    path = Path(path)
+    for candidate in (path, path / "dataset"):
+        if (candidate / DREAMBENCH_INDEX).is_file():
+            return candidate
+    return None
+
+
+def load_dreambench(path: str | Path, *, min_images: int = DEFAULT_MIN_IMAGES) -> Dataset:
+    """Read the DreamBench layout at ``path`` (the ``dataset/`` folder or its parent)."""
+    root = dreambench_root(path)
+    if root is None:
+        raise ValueError(f"{path}: no {DREAMBENCH_INDEX} here or in {Path(path) / 'dataset'}")
+    index_file = root / DREAMBENCH_INDEX
+    index = parse_dreambench_prompts(index_file.read_text("utf-8"), source=str(index_file))
+    entries = [(name, noun, kind_for_class(noun), "") for name, noun in index.classes.items()]
+    subjects, problems = _make_subjects(root, entries, min_images, frozenset())
+    from_file = (PromptSet(OBJECT_PROMPTS, index.object_templates),
+                 PromptSet(LIVE_PROMPTS, index.live_templates))
+    builtin = builtin_prompt_sets()
+    for ours, theirs in zip(builtin, from_file, strict=False):
+        if ours.templates != theirs.templates:
+            logger.info("%s: the %s prompts differ from the built-in copy; using the file's",
+                        index_file, theirs.name)
+    return _finish(Dataset(root=root, layout="dreambench", subjects=tuple(subjects),
+                           prompt_sets=_merge_prompt_sets(builtin, from_file),
+                           problems=tuple(problems)))
+
+
+def _read_prompt_files(root: Path) -> list[PromptSet]:
+    """``prompts/<name>.txt`` files: one template per line; blank lines and ``#`` comments."""
+    folder = root / PROMPTS_FOLDER
+    if not folder.is_dir():
+        return []
+    sets = []
+    for file in sorted(folder.glob("*.txt")):
+        templates = []
+        for number, raw in enumerate(file.read_text("utf-8").splitlines(), start=1):
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                templates.append(check_template(line, where=f"{file}:{number}"))
+        sets.append(PromptSet(file.stem, tuple(templates)))
+    return sets
+
+
+def _entry(row: Mapping[str, Any], where: str) -> tuple[str, str, str, str]:
+    """Validate one subjects.csv/yaml row → (name, class, kind, prompt_set)."""
+    name = str(row.get("subject") or "").strip()
+    try:
+        validate_subject_name(name)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    class_noun = _check_class_noun(str(row.get("class") or ""), f"{where}: subject {name!r}")
+    kind = str(row.get("kind") or "").strip() or kind_for_class(class_noun)
+    if kind not in SUBJECT_KINDS:
+        raise ValueError(f"{where}: kind must be one of {list(SUBJECT_KINDS)}, got {kind!r}")
+    prompt_set = str(row.get("prompt_set") or "").strip()
+    return name, class_noun, kind, prompt_set
+
+
+_ROW_KEYS = frozenset({"subject", "class", "kind", "prompt_set"})
+
+
+def _read_subjects_csv(file: Path) -> list[tuple[tuple[str, str, str, str], str]]:
+    with file.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, skipinitialspace=True)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not {"subject", "class"} <= set(header) or set(header) - _ROW_KEYS:
+            raise ValueError(f"{file}:1: header must be subject,class[,kind][,prompt_set], "
+                             f"got {','.join(header)!r}")
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            where = f"{file}:{reader.line_num}"
+            if None in row:
+                raise ValueError(f"{where}: more columns than the header has")
+            if not any((v or "").strip() for v in row.values()):
+                continue
+            rows.append((_entry(row, where), where))
+        return rows
+
+
+def _read_subjects_yaml(file: Path) -> tuple[list[tuple[tuple[str, str, str, str], str]],
+                                             list[PromptSet]]:
+    try:
+        data = yaml.safe_load(file.read_text("utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{file}: not valid YAML ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("subjects"), list):
+        raise ValueError(f"{file}: expected a mapping with a 'subjects:' list")
+    unknown = set(data) - {"subjects", "prompt_sets"}
+    if unknown:
+        raise ValueError(f"{file}: unknown top-level key(s) {sorted(unknown)}")
+    rows = []
+    for i, row in enumerate(data["subjects"]):
+        where = f"{file}: subjects[{i}]"
+        if not isinstance(row, dict) or set(row) - _ROW_KEYS:
+            raise ValueError(f"{where}: expected a mapping with keys subject, class[, kind]"
+                             f"[, prompt_set], got {row!r}")
+        rows.append((_entry(row, where), where))
+    inline = data.get("prompt_sets") or {}
+    if not isinstance(inline, dict):
+        raise ValueError(f"{file}: prompt_sets must map a name to a list of templates")
+    sets = []
+    for name, templates in inline.items():
+        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+            raise ValueError(f"{file}: prompt_sets.{name} must be a list of strings")
+        sets.append(PromptSet(str(name), tuple(templates)))
+    return rows, sets
+
+
+def load_plain(path: str | Path, *, min_images: int = DEFAULT_MIN_IMAGES) -> Dataset:
+    """Read the plain layout: subject folders + ``subjects.csv`` or ``subjects.yaml``."""
+    root = Path(path)
+    found = [root / name for name in PLAIN_INDEXES if (root / name).is_file()]
+    if len(found) != 1:
+        raise ValueError(f"{root}: expected exactly one of {list(PLAIN_INDEXES)}, found "
+                         f"{[f.name for f in found]}")
+    index = found[0]
+    inline: list[PromptSet] = []
+    if index.suffix == ".csv":
+        rows = _read_subjects_csv(index)
+    else:
+        rows, inline = _read_subjects_yaml(index)
+    prompt_sets = _merge_prompt_sets(builtin_prompt_sets(), _read_prompt_files(root), inline)
+    known_sets = {p.name for p in prompt_sets}
+    seen: set[str] = set()
+    for (name, _, _, prompt_set), where in rows:
+        if name in seen:
+            raise ValueError(f"{where}: subject {name!r} is listed twice")
+        seen.add(name)
+        if prompt_set and prompt_set not in known_sets:
+            raise ValueError(f"{where}: unknown prompt set {prompt_set!r}; known: "
+                             f"{sorted(known_sets)}")
+    subjects, problems = _make_subjects(root, [entry for entry, _ in rows], min_images,
+                                        frozenset({PROMPTS_FOLDER}))
+    return _finish(Dataset(root=root, layout="plain", subjects=tuple(subjects),
+                           prompt_sets=prompt_sets, problems=tuple(problems)))
+
+
+def _finish(dataset: Dataset) -> Dataset:
+    for problem in dataset.problems:
+        logger.warning("%s: %s", dataset.root, problem.message)
+    logger.info("loaded %s dataset %s: %d subject(s), %d problem(s)", dataset.layout,
+                dataset.root, len(dataset.subjects), len(dataset.problems))
+    return dataset
+
+
+def load_dataset(path: str | Path, *, min_images: int = DEFAULT_MIN_IMAGES) -> Dataset:
+    """Load a dataset folder, detecting the layout (DreamBench index, else subjects.csv/yaml)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"dataset folder {path} does not exist")
+    if dreambench_root(path) is not None:
+        return load_dreambench(path, min_images=min_images)
+    if any((path / name).is_file() for name in PLAIN_INDEXES):
+        return load_plain(path, min_images=min_images)
+    raise ValueError(f"{path}: not a dataset: expected {DREAMBENCH_INDEX} (DreamBench layout, "
+                     f"here or in dataset/) or one of {list(PLAIN_INDEXES)} (plain layout)")

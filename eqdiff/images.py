@@ -1,0 +1,393 @@
+"""Loading, validating, hashing and normalising subject images.
+
+Every image goes through :func:`load_image` (decode fully, EXIF orientation, colour mode → RGB,
+size check, sha256 of the file bytes) and then :func:`normalise_image` (square, centred, resized
+to the training resolution). Both record what they changed so the preprocessing manifest can say
+so. Failures are :class:`ImageError` (a ``ValueError``) naming the file and the reason.
+
+Squaring policy (the subject must not be cropped away): an image whose long/short side ratio is
+at most ``max_crop_ratio`` (default 1.1) is centre-cropped, losing at most ~4.5 % of the long side
+at each end; anything more elongated is padded to a square instead, with edge replication by
+default (``pad_mode``: ``"edge"``, ``"reflect"`` or ``"constant"`` white). Edge replication never
+duplicates the subject (reflection can mirror a subject that touches the border) and gives no
+hard bars; alpha channels and masks are padded with 0 (background).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+DEFAULT_MIN_SIDE = 32
+DEFAULT_MAX_CROP_RATIO = 1.1
+PadMode = Literal["edge", "reflect", "constant"]
+PAD_MODES: tuple[str, ...] = ("edge", "reflect", "constant")
+WHITE = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def bytes_sha256(data: bytes) -> str:
+    """Hex sha256 of raw bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of an image: the hex sha256 of the file's bytes (not of decoded pixels)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (by suffix, case-insensitive), sorted by name.
+
+    Hidden files and sub-folders are skipped; the files are not opened here.
+    """
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded, upright RGB image and where it came from.
+
+    ``alpha`` is the original alpha channel ("L", same orientation) when the file had one
+    (RGBA, LA, palette with transparency); ``image`` is then composited on white.
+    """
+
+    path: Path
+    sha256: str  # sha256 of the file bytes
+    image: Image.Image  # RGB uint8, EXIF orientation applied
+    alpha: Image.Image | None
+    source_format: str
+    source_mode: str
+    source_size: tuple[int, int]  # (width, height) as stored, before the EXIF rotation
+    exif_orientation: int  # 1 = upright (nothing applied); 2..8 = the transform applied
+    mode_conversion: str  # "" when the file was already RGB
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> tuple[np.ndarray, str]:
+    """Map a single-channel integer/float array to uint8, saying which rule was used.
+
+    - 16-bit ("I;16*"): divided by 257 (65535 → 255).
+    - 32-bit integer ("I"): as is when within 0..255, divided by 257 when within 0..65535 (how
+      16-bit files often decode), otherwise stretched min..max → 0..255.
+    - float ("F"): NaN/inf → 0; ×255 when within [0, 1], as is within [0, 255], else stretched.
+    """
+    values = values.astype(np.float64)
+    if mode == "F":
+        values = np.where(np.isfinite(values), values, 0.0)
+    low, high = float(values.min()), float(values.max())
+    if mode.startswith("I;16"):
+        scaled, rule = values / 257.0, "16-bit scaled by 1/257"
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled, rule = values * 255.0, "float [0,1] scaled by 255"
+    elif low >= 0 and high <= 255:
+        scaled, rule = values, "values already within 0..255"
+    elif mode == "I" and low >= 0 and high <= 65535:
+        scaled, rule = values / 257.0, "16-bit range scaled by 1/257"
+    else:
+        span = high - low if high > low else 1.0
+        scaled, rule = (values - low) * (255.0 / span), f"stretched {low:g}..{high:g} to 0..255"
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), rule
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None, str]:
+    """Convert any PIL mode to RGB uint8; returns ``(rgb, alpha or None, description)``.
+
+    Transparent images are composited on white and their alpha is returned ("L"). The
+    description is "" when ``image`` already was RGB. Raises ``ValueError`` for modes PIL cannot
+    convert to RGB.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image, None, ""
+    rule = ""
+    if mode.startswith("I") or mode == "F":
+        gray, rule = _scale_to_uint8(np.asarray(image), mode)
+        work = Image.fromarray(gray)  # 2-D uint8 → mode "L"
+    elif mode == "1":
+        work = image.convert("L")
+    elif mode == "P":
+        work = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("PA", "RGBa"):
+        work = image.convert("RGBA")
+    elif mode == "La":
+        work = image.convert("LA")
+    elif mode in ("L", "LA", "RGBA"):
+        work = image
+    else:  # CMYK, YCbCr, RGBX, HSV, ...
+        try:
+            work = image.convert("RGB")
+        except ValueError as error:
+            raise ValueError(f"unsupported colour mode {mode!r}: {error}") from error
+    alpha = None
+    if work.mode in ("RGBA", "LA"):
+        alpha = work.getchannel("A")
+        background = Image.new("RGBA", work.size, (*WHITE, 255))
+        rgb = Image.alpha_composite(background, work.convert("RGBA")).convert("RGB")
+        how = "composited on white, alpha kept"
+    else:
+        rgb = work.convert("RGB")
+        how = ""
+    notes = "; ".join(n for n in (rule, how) if n)
+    return rgb, alpha, f"{mode}->RGB" + (f" ({notes})" if notes else "")
+
+
+def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE) -> LoadedImage:
+    """Read, fully decode and validate one image file; see :class:`LoadedImage`.
+
+    Raises :class:`ImageError` for unreadable, empty, non-image, corrupt or truncated files, and
+    for images whose short side (after EXIF rotation) is below ``min_side`` pixels.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere in this "
+                           "process: truncated images would load silently; set it back to False")
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ImageError(path, f"cannot read file ({error.strerror or error})") from error
+    if not data:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            source_format = opened.format or "unknown"
+            try:
+                opened.load()  # force the full decode: truncation and corruption show up here
+                orientation = int(opened.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                upright = ImageOps.exif_transpose(opened)
+            except (OSError, SyntaxError, ValueError, EOFError, TypeError) as error:
+                raise ImageError(path, f"corrupt or truncated {source_format} data "
+                                       f"({error})") from error
+            source_mode, source_size = opened.mode, opened.size
+    except UnidentifiedImageError as error:
+        raise ImageError(path, "not an image (no known image format in the file)") from error
+    except Image.DecompressionBombError as error:
+        raise ImageError(path, f"image too large ({error})") from error
+    try:
+        rgb, alpha, conversion = to_rgb(upright)
+    except ValueError as error:
+        raise ImageError(path, str(error)) from error
+    width, height = rgb.size
+    if min(width, height) < min_side:
+        raise ImageError(path, f"image too small: {width}x{height}, the short side must be at "
+                               f"least {min_side} px")
+    return LoadedImage(path=path, sha256=bytes_sha256(data), image=rgb, alpha=alpha,
+                       source_format=source_format, source_mode=source_mode,
+                       source_size=source_size,
+                       exif_orientation=orientation if 2 <= orientation <= 8 else 1,
+                       mode_conversion=conversion)
+
+
+# --------------------------------------------------------------------------- squaring
+
+@dataclass(frozen=True)
+class SquareFit:
+    """How an image of ``source_size`` becomes a ``resolution``² square; replayable on masks.
+
+    ``crop_box`` (left, top, right, bottom) is taken first (the full image when not cropping),
+    then ``padding`` (left, top, right, bottom) pixels are added, then the square is resized.
+    """
+
+    source_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    padding: tuple[int, int, int, int]
+    resolution: int
+    pad_mode: PadMode = "edge"
+
+    @property
+    def cropped(self) -> bool:
+        return self.crop_box != (0, 0, *self.source_size)
+
+    @property
+    def padded(self) -> bool:
+        return any(self.padding)
+
+    @property
+    def square_side(self) -> int:
+        """Side of the square before resizing."""
+        left, top, right, bottom = self.crop_box
+        return right - left + self.padding[0] + self.padding[2]
+
+    @property
+    def resized(self) -> bool:
+        return self.square_side != self.resolution
+
+
+def plan_square_fit(size: tuple[int, int], resolution: int, *,
+                    max_crop_ratio: float = DEFAULT_MAX_CROP_RATIO,
+                    pad_mode: PadMode = "edge") -> SquareFit:
+    """Plan the square fit of an image of ``size`` = (width, height); see the module docstring."""
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    if max_crop_ratio < 1:
+        raise ValueError(f"max_crop_ratio must be >= 1, got {max_crop_ratio}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {list(PAD_MODES)}, got {pad_mode!r}")
+    width, height = size
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side / short_side <= max_crop_ratio:
+        left, top = (width - short_side) // 2, (height - short_side) // 2
+        crop = (left, top, left + short_side, top + short_side)
+        padding = (0, 0, 0, 0)
+    else:
+        crop = (0, 0, width, height)
+        extra_x, extra_y = long_side - width, long_side - height
+        padding = (extra_x // 2, extra_y // 2, extra_x - extra_x // 2, extra_y - extra_y // 2)
+    return SquareFit(source_size=(width, height), crop_box=crop, padding=padding,
+                     resolution=resolution, pad_mode=pad_mode)
+
+
+def _pad(array: np.ndarray, padding: tuple[int, int, int, int], mode: str,
+         fill: int | tuple[int, ...]) -> np.ndarray:
+    left, top, right, bottom = padding
+    widths = [(top, bottom), (left, right)] + [(0, 0)] * (array.ndim - 2)
+    if mode == "constant":
+        if array.ndim == 3:
+            channels = [np.pad(array[..., c], widths[:2], constant_values=np.asarray(fill)[c])
+                        for c in range(array.shape[2])]
+            return np.stack(channels, axis=-1)
+        return np.pad(array, widths, constant_values=fill)
+    return np.pad(array, widths, mode=mode)
+
+
+def fit_image(image: Image.Image, fit: SquareFit) -> Image.Image:
+    """Apply ``fit`` to an RGB image (padding per ``fit.pad_mode``, Lanczos resize)."""
+    _check_fit_size(image, fit)
+    square = image.crop(fit.crop_box)
+    if fit.padded:
+        square = Image.fromarray(_pad(np.asarray(square.convert("RGB")), fit.padding,
+                                      fit.pad_mode, WHITE))
+    if fit.resized:
+        square = square.resize((fit.resolution, fit.resolution), Image.Resampling.LANCZOS)
+    return square
+
+
+def fit_mask(mask: Image.Image, fit: SquareFit) -> Image.Image:
+    """Apply ``fit`` to a single-channel mask or alpha ("L"): padding is 0, bilinear resize.
+
+    The result keeps soft values; binarising is the caller's choice.
+    """
+    _check_fit_size(mask, fit)
+    square = mask.convert("L").crop(fit.crop_box)
+    if fit.padded:
+        square = Image.fromarray(_pad(np.asarray(square), fit.padding, "constant", 0))
+    if fit.resized:
+        square = square.resize((fit.resolution, fit.resolution), Image.Resampling.BILINEAR)
+    return square
+
+
+def _check_fit_size(image: Image.Image, fit: SquareFit) -> None:
+    if image.size != fit.source_size:
+        raise ValueError(f"image is {image.size[0]}x{image.size[1]} but the fit was planned for "
+                         f"{fit.source_size[0]}x{fit.source_size[1]}")
+
+
+@dataclass(frozen=True)
+class ImageChanges:
+    """What loading and normalising changed in one image (for manifests and reports)."""
+
+    exif_orientation: int  # 1 = none applied
+    mode_conversion: str  # "" = none
+    upright_size: tuple[int, int]  # (width, height) after the EXIF rotation
+    crop_box: tuple[int, int, int, int] | None
+    padding: tuple[int, int, int, int] | None
+    pad_mode: str | None
+    resized_from: tuple[int, int] | None  # square side before resizing, as (w, h)
+    resolution: int
+
+    def describe(self) -> list[str]:
+        """Human-readable list of changes (empty when the image was used as is)."""
+        notes = []
+        if self.exif_orientation != 1:
+            notes.append(f"EXIF orientation {self.exif_orientation} applied")
+        if self.mode_conversion:
+            notes.append(f"mode converted {self.mode_conversion}")
+        if self.crop_box is not None:
+            notes.append(f"centre-cropped to box {self.crop_box}")
+        if self.padding is not None:
+            notes.append(f"padded to square by {self.padding} (l,t,r,b) with {self.pad_mode}")
+        if self.resized_from is not None:
+            notes.append(f"resized from {self.resized_from[0]}x{self.resized_from[1]} to "
+                         f"{self.resolution}x{self.resolution}")
+        return notes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with ``describe()`` as ``notes``."""
+        return {"exif_orientation": self.exif_orientation,
+                "mode_conversion": self.mode_conversion,
+                "upright_size": list(self.upright_size),
+                "crop_box": list(self.crop_box) if self.crop_box else None,
+                "padding": list(self.padding) if self.padding else None,
+                "pad_mode": self.pad_mode,
+                "resized_from": list(self.resized_from) if self.resized_from else None,
+                "resolution": self.resolution,
+                "notes": self.describe()}
+
+
+@dataclass(frozen=True, eq=False)
+class NormalisedImage:
+    """A square training image, its alpha (same geometry) if any, and the record of changes."""
+
+    image: Image.Image
+    alpha: Image.Image | None
+    fit: SquareFit
+    changes: ImageChanges = field(repr=False)
+
+
+def normalise_image(loaded: LoadedImage, resolution: int, *,
+                    max_crop_ratio: float = DEFAULT_MAX_CROP_RATIO,
+                    pad_mode: PadMode = "edge") -> NormalisedImage:
+    """Make a loaded image a centred ``resolution``² square (see the module docstring)."""
+    fit = plan_square_fit(loaded.image.size, resolution, max_crop_ratio=max_crop_ratio,
+                          pad_mode=pad_mode)
+    side = fit.square_side
+    changes = ImageChanges(
+        exif_orientation=loaded.exif_orientation, mode_conversion=loaded.mode_conversion,
+        upright_size=loaded.image.size, crop_box=fit.crop_box if fit.cropped else None,
+        padding=fit.padding if fit.padded else None, pad_mode=pad_mode if fit.padded else None,
+        resized_from=(side, side) if fit.resized else None, resolution=resolution)
+    alpha = fit_mask(loaded.alpha, fit) if loaded.alpha is not None else None
+    return NormalisedImage(image=fit_image(loaded.image, fit), alpha=alpha, fit=fit,
+                           changes=changes)
+
+
+# --------------------------------------------------------------------------- tensors
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float32 tensor (3, H, W) in [-1, 1] on the CPU."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Tensor (3, H, W) in [-1, 1] (any float dtype and device) → RGB PIL image; clamps."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
+    scaled = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(scaled.permute(1, 2, 0).cpu().numpy())
