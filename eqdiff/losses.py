@@ -1,0 +1,273 @@
+"""Mask-guided noising and the training losses of EqDiff (METHOD.md §4, §6).
+
+Shape conventions: latents and UNet predictions are ``(B, C, h, w)``; masks are ``(B, 1, h, w)``
+(or ``(B, h, w)`` where stated) with values in {0, 1} or [0, 1], any dtype including bool.
+Losses are computed in float32 whatever the prediction dtype and returned as 0-d tensors on the
+predictions' device. The losses never synchronise with the device (no ``.item()``), so empty
+masks are handled arithmetically instead of by checks that would stall the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eqdiff.config import LossConfig
+
+LOSS_TERMS: tuple[str, ...] = ("inst", "prior", "xattn", "rra")
+"""Names of the loss parts :func:`total_loss` accepts; ``"inst"`` is required."""
+
+_MAX_EPS = 1e-12  # guards the per-sample max normalisation of attention maps
+
+
+class HasAlphasCumprod(Protocol):
+    """A noise scheduler such as diffusers' ``DDPMScheduler``."""
+
+    alphas_cumprod: Tensor
+
+
+def _alphas_cumprod(source: HasAlphasCumprod | Tensor) -> Tensor:
+    values = source if isinstance(source, Tensor) else getattr(source, "alphas_cumprod", None)
+    if not isinstance(values, Tensor) or values.ndim != 1:
+        raise TypeError("expected a scheduler with a 1-D `alphas_cumprod` tensor or that "
+                        f"tensor itself, got {type(source).__name__}")
+    return values
+
+
+def _check_mask_for(mask: Tensor, values: Tensor, name: str) -> None:
+    """``mask`` must be ``(B, 1 or C, h, w)`` for ``values`` of shape ``(B, C, h, w)``."""
+    if values.ndim != 4:
+        raise ValueError(f"{name} must be (B, C, h, w), got shape {tuple(values.shape)}")
+    batch, channels, height, width = values.shape
+    if (mask.ndim != 4 or mask.shape[0] != batch or mask.shape[1] not in (1, channels)
+            or mask.shape[-2:] != (height, width)):
+        raise ValueError(f"mask must be ({batch}, 1, {height}, {width}) to match {name} of "
+                         f"shape {tuple(values.shape)}, got {tuple(mask.shape)}")
+
+
+def masked_noising(latents: Tensor, noise: Tensor, timesteps: Tensor, mask: Tensor,
+                   scheduler_or_alphas_cumprod: HasAlphasCumprod | Tensor) -> Tensor:
+    """Forward diffusion inside the mask only (METHOD.md §4).
+
+    ``z_t = M * (sqrt(a_t) * z_0 + sqrt(1 - a_t) * eps) + (1 - M) * z_0`` with ``a_t`` the
+    scheduler's ``alphas_cumprod[t]``. The noisy term is computed exactly as diffusers'
+    ``DDPMScheduler.add_noise`` does (``alphas_cumprod`` cast to the latents' dtype on their
+    device), so an all-ones mask reproduces ``add_noise`` bit for bit. Where ``M == 0`` the
+    result is ``z_0`` itself, bit-identical (selected with ``torch.where``, not computed).
+    The scheduler is not modified.
+
+    Args:
+        latents: ``z_0``, ``(B, C, h, w)`` float.
+        noise: ``eps``, same shape and dtype.
+        timesteps: ``(B,)`` integer timesteps (any device).
+        mask: ``(B, 1, h, w)`` (or ``(B, C, h, w)``) in [0, 1] or bool, broadcast over channels.
+        scheduler_or_alphas_cumprod: a scheduler with ``alphas_cumprod`` or that ``(T,)`` tensor.
+
+    Returns:
+        ``z_t``, ``(B, C, h, w)`` in the latents' dtype on their device.
+    """
+    _check_mask_for(mask, latents, "latents")
+    if noise.shape != latents.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != latents shape "
+                         f"{tuple(latents.shape)}")
+    if timesteps.shape != (latents.shape[0],):
+        raise ValueError(f"timesteps must be ({latents.shape[0]},), got {tuple(timesteps.shape)}")
+    alphas = _alphas_cumprod(scheduler_or_alphas_cumprod).to(device=latents.device,
+                                                             dtype=latents.dtype)
+    alpha_t = alphas[timesteps.to(latents.device)]
+    broadcast = (-1,) + (1,) * (latents.ndim - 1)
+    sqrt_alpha = (alpha_t**0.5).reshape(broadcast)
+    sqrt_one_minus_alpha = ((1 - alpha_t) ** 0.5).reshape(broadcast)
+    noisy = sqrt_alpha * latents + sqrt_one_minus_alpha * noise
+    weight = mask.to(device=latents.device, dtype=latents.dtype)
+    # Two products (not z_0 + M * (noisy - z_0)) so that M == 1 gives `noisy` exactly.
+    blended = weight * noisy + (1 - weight) * latents
+    return torch.where(weight == 0, latents, blended)
+
+
+def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Squared error inside the mask, normalised per masked element (METHOD.md §4).
+
+    For each sample ``b``: ``L_b = sum(M * (pred - target) ** 2) / (C * sum(M))`` — the mask
+    area times the channel count, i.e. the mean squared error over masked elements (for a
+    ``(B, C, h, w)`` mask the denominator is ``sum(M)`` itself). The loss is the mean of
+    ``L_b`` over the samples whose mask is not empty, so each instance image weighs the same
+    whatever its mask size, and an all-ones mask gives plain MSE.
+
+    A sample with an all-zero mask contributes nothing (neither to the sum nor to the count);
+    if every mask is empty the loss is exactly 0 (still differentiable, zero gradient), never
+    NaN. Masks come from the mask stage, which falls back to a full mask, so empty masks are not
+    expected here; this function does not log them because that would need a device sync.
+
+    Args:
+        pred: ``(B, C, h, w)`` model output, any float dtype.
+        target: same shape (the noise ``eps`` for ε-prediction).
+        mask: ``(B, 1, h, w)`` or ``(B, C, h, w)`` in [0, 1] or bool.
+
+    Returns:
+        A 0-d float32 tensor.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    _check_mask_for(mask, pred, "pred")
+    squared_error = (pred.float() - target.float()).square()
+    weight = mask.to(device=pred.device, dtype=torch.float32).expand_as(squared_error)
+    dims = (1, 2, 3)
+    area = weight.sum(dim=dims)  # masked elements per sample: C * sum(M) for a 1-channel mask
+    # Where the area is 0 the numerator is 0 as well, so the clamp only avoids 0 / 0.
+    per_sample = (squared_error * weight).sum(dim=dims) / area.clamp_min(
+        torch.finfo(torch.float32).tiny)
+    non_empty = (area > 0).sum()
+    return per_sample.sum() / non_empty.clamp_min(1)
+
+
+def prior_preservation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Plain MSE on prior (class) samples, mean over all elements; 0-d float32 tensor."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _mask_batch(masks: Tensor, batch: int, name: str) -> Tensor:
+    """``(B, H, W)`` or ``(B, 1, H, W)`` masks as ``(B, 1, H, W)`` float32."""
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] != batch:
+        raise ValueError(f"{name} must be ({batch}, H, W) or ({batch}, 1, H, W), got shape "
+                         f"{tuple(masks.shape)}")
+    return masks.to(torch.float32)
+
+
+def cross_attention_mask_loss(attention_maps: Tensor, masks: Tensor, resolution: int) -> Tensor:
+    """MSE between the placeholder token's normalised cross-attention map and the mask (§6).
+
+    Each map is divided by its own maximum (a zero map stays zero). The masks are resized to
+    ``resolution`` with area interpolation, so each cell's target is the fraction of it the
+    subject covers (a sharp mask stays sharp where the sizes divide evenly).
+
+    Args:
+        attention_maps: ``(B, resolution, resolution)`` cross-attention probabilities of the
+            placeholder token, already averaged over heads and layers; any float dtype.
+        masks: instance masks ``(B, H, W)`` or ``(B, 1, H, W)`` at any resolution, in [0, 1].
+        resolution: the maps' side (``LossConfig.xattn_resolution``, 16 by default).
+
+    Returns:
+        A 0-d float32 tensor (mean over batch and cells).
+    """
+    batch = attention_maps.shape[0]
+    if attention_maps.shape != (batch, resolution, resolution):
+        raise ValueError(f"attention_maps must be (B, {resolution}, {resolution}), got shape "
+                         f"{tuple(attention_maps.shape)}")
+    target = F.interpolate(_mask_batch(masks, batch, "masks").to(attention_maps.device),
+                           size=(resolution, resolution), mode="area")[:, 0]
+    maps = attention_maps.float()
+    peak = maps.amax(dim=(-2, -1), keepdim=True).clamp_min(_MAX_EPS)
+    return F.mse_loss(maps / peak, target)
+
+
+def _square_side(count: int, name: str) -> int:
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"the {name} must form a square grid, got {count} tokens")
+    return side
+
+
+def _binary_grid(masks: Tensor, batch: int, side: int, name: str, device: torch.device) -> Tensor:
+    """Masks resized (nearest-exact) to ``side x side`` and thresholded at 0.5: ``(B, side**2)``."""
+    resized = F.interpolate(_mask_batch(masks, batch, name).to(device), size=(side, side),
+                            mode="nearest-exact")
+    return (resized > 0.5).to(torch.float32).reshape(batch, side * side)
+
+
+def rra_attention_loss(attention_probs: Tensor, target_mask: Tensor,
+                       reference_mask: Tensor) -> Tensor:
+    """Reference-attention mass of in-mask queries on reference-mask keys should be 1 (§6).
+
+    For sample ``b``, head ``h`` and query ``q`` inside the target mask, the mass is
+    ``m = sum over keys k in the reference mask of P[b, h, q, k]`` and the sample's loss is the
+    mean of ``(m - 1) ** 2`` over its in-mask queries and all heads. The loss is the mean over
+    samples that have both a non-empty target and a non-empty reference mask at the attention
+    resolution; samples without are skipped, and if none is left the loss is exactly 0 (never
+    NaN).
+
+    Queries and keys lie on square grids (``Nq = sq * sq``, ``Nk = sk * sk``); each mask is
+    resized to its grid with nearest-exact interpolation and thresholded at 0.5, so a query or
+    key either belongs to the mask or not. The mass is summed in the probabilities' dtype (no
+    float32 copy of the large attention tensor), then squared in float32.
+
+    Args:
+        attention_probs: ``(B, heads, Nq, Nk)`` softmax probabilities of the RRA branch
+            (queries from the trained UNet, keys from the reference bank).
+        target_mask: ``(B, H, W)`` or ``(B, 1, H, W)`` mask of the noised (target) image.
+        reference_mask: ``(B, H', W')`` or ``(B, 1, H', W')`` mask of the reference image.
+
+    Returns:
+        A 0-d float32 tensor.
+    """
+    if attention_probs.ndim != 4:
+        raise ValueError("attention_probs must be (B, heads, Nq, Nk), got shape "
+                         f"{tuple(attention_probs.shape)}")
+    batch, heads, num_queries, num_keys = attention_probs.shape
+    device = attention_probs.device
+    queries = _binary_grid(target_mask, batch, _square_side(num_queries, "queries"),
+                           "target_mask", device)
+    keys = _binary_grid(reference_mask, batch, _square_side(num_keys, "keys"),
+                        "reference_mask", device)
+    mass = torch.matmul(attention_probs, keys.to(attention_probs.dtype)[:, None, :, None])
+    squared_error = (mass[..., 0].float() - 1.0).square() * queries[:, None, :]
+    query_count = queries.sum(dim=1)
+    usable = (query_count > 0) & (keys.sum(dim=1) > 0)
+    per_sample = squared_error.sum(dim=(1, 2)) / (heads * query_count).clamp_min(1)
+    per_sample = torch.where(usable, per_sample, torch.zeros_like(per_sample))
+    return per_sample.sum() / usable.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The weighted total (for ``backward``) and the unweighted parts, detached, for logging."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+    def to_log(self) -> dict[str, float]:
+        """``{"loss": total, "loss/<name>": part, ...}`` as floats (synchronises the device)."""
+        values = {"loss": float(self.total.detach())}
+        values.update({f"loss/{name}": float(value) for name, value in self.terms.items()})
+        return values
+
+
+def total_loss(parts: Mapping[str, Tensor], config: LossConfig) -> LossTerms:
+    """``L = L_inst + prior_weight * L_prior + xattn_weight * L_xattn + rra_weight * L_rra``.
+
+    Args:
+        parts: 0-d loss tensors by name, a subset of :data:`LOSS_TERMS` that contains
+            ``"inst"``; parts a method does not use are simply absent. A part whose weight is
+            0 is logged but left out of the total (so it cannot poison it with NaN).
+        config: the weights.
+
+    Returns:
+        :class:`LossTerms` with the total (keeps the graph) and the detached parts.
+    """
+    unknown = sorted(set(parts) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss part(s) {unknown}; known: {list(LOSS_TERMS)}")
+    if "inst" not in parts:
+        raise ValueError(f"the 'inst' loss part is required, got {sorted(parts)}")
+    for name, value in parts.items():
+        if value.ndim != 0:
+            raise ValueError(f"loss part {name!r} must be a 0-d tensor, got shape "
+                             f"{tuple(value.shape)}")
+    weights = {"inst": 1.0, "prior": config.prior_weight, "xattn": config.xattn_weight,
+               "rra": config.rra_weight}
+    total = parts["inst"]
+    for name in LOSS_TERMS[1:]:
+        if name in parts and weights[name] != 0:
+            total = total + weights[name] * parts[name]
+    return LossTerms(total=total,
+                     terms={name: value.detach() for name, value in parts.items()})
