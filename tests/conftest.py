@@ -9,9 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -39,6 +37,8 @@ def aws_test_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_test_env: dict[str, str]) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto S3 server started once for the session."""
+    from moto.server import ThreadedMotoServer  # imported here: only S3 tests pay for it
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -49,6 +49,8 @@ def s3_endpoint(aws_test_env: dict[str, str]) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_client(s3_endpoint: str):
     """A plain boto3 S3 client on the test endpoint, for setting up and inspecting buckets."""
+    import boto3
+
     return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
