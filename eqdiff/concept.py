@@ -1,0 +1,161 @@
+"""The saved concept: exactly the learned tensors (safetensors) plus a JSON record.
+
+``concept.safetensors`` holds tensors named by prefix (``eqdiff_token.``, ``eqdiff_kv.``,
+``eqdiff_rra.``); ``concept.json`` holds the base model's identity, the placeholder token,
+the resolved configuration and hashes. A concept loads into a standard diffusers
+``StableDiffusionPipeline`` (token row + K/V weights), so users can generate with their own
+code; pickled files are never read, and a concept trained on another base model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eqdiff.attention import KV_PREFIX, WeightHandle, write_kv_weights
+from eqdiff.embeddings import TOKEN_PREFIX, write_token_row
+from eqdiff.models import model_identity
+
+logger = logging.getLogger(__name__)
+
+TENSORS_FILE = "concept.safetensors"
+RECORD_FILE = "concept.json"
+FORMAT = "eqdiff-concept"
+FORMAT_VERSION = 1
+RRA_PREFIX = "eqdiff_rra."
+KNOWN_PREFIXES = (TOKEN_PREFIX, KV_PREFIX, RRA_PREFIX)
+
+
+class ConceptError(ValueError):
+    """A concept file is unreadable, unsafe, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class Concept:
+    tensors: dict[str, torch.Tensor]
+    record: dict[str, Any]
+
+    @property
+    def placeholder_token(self) -> str:
+        return self.record["placeholder_token"]
+
+    @property
+    def token_vector(self) -> torch.Tensor:
+        """The inference token: S_LF + S_HF (or the single vector). Shape (D,)."""
+        return self.tensors[TOKEN_PREFIX + "vectors"].sum(dim=0)
+
+    @property
+    def content_hash(self) -> str:
+        return self.record["tensors_sha256"][:16]
+
+    def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_concept(folder: str | Path, tensors: dict[str, torch.Tensor], record: dict[str, Any],
+                 *, base_model: str) -> Path:
+    """Write ``concept.safetensors`` and ``concept.json`` into ``folder``; returns the folder.
+
+    ``record`` is the trainer's metadata (subject, method, placeholder token, hashes, …);
+    the base model's identity and the tensors' hash are added here.
+    """
+    unknown = [k for k in tensors if not k.startswith(KNOWN_PREFIXES)]
+    if unknown:
+        raise ConceptError(f"tensor names must start with one of {KNOWN_PREFIXES}: {unknown[:3]}")
+    if TOKEN_PREFIX + "vectors" not in tensors:
+        raise ConceptError("a concept needs its token vectors (eqdiff_token.vectors)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full_record = {**record, "format": FORMAT, "format_version": FORMAT_VERSION,
+                   "base_model": model_identity(base_model), "base_model_source": base_model,
+                   "tensors_sha256": _tensors_digest(tensors),
+                   "tensor_names": sorted(tensors)}
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(contiguous, folder / TENSORS_FILE,
+              metadata={"format": FORMAT, "base_model": full_record["base_model"]})
+    (folder / RECORD_FILE).write_text(json.dumps(full_record, indent=2, sort_keys=True))
+    return folder
+
+
+def load_concept(path: str | Path) -> Concept:
+    """Read a concept folder (or its ``.safetensors`` file, with the JSON beside it)."""
+    path = Path(path)
+    folder = path.parent if path.suffix else path
+    tensors_path = path if path.suffix else folder / TENSORS_FILE
+    if tensors_path.suffix != ".safetensors":
+        raise ConceptError(f"{tensors_path}: only .safetensors concept files are loaded "
+                           "(pickles can run code)")
+    record_path = folder / RECORD_FILE
+    if not tensors_path.is_file() or not record_path.is_file():
+        raise ConceptError(f"{folder} is not a concept: it needs {TENSORS_FILE} and "
+                           f"{RECORD_FILE}")
+    try:
+        tensors = load_file(tensors_path)
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConceptError(f"could not read concept {folder}: {err}") from err
+    if record.get("format") != FORMAT:
+        raise ConceptError(f"{record_path} is not an {FORMAT} record")
+    if _tensors_digest(tensors) != record["tensors_sha256"]:
+        raise ConceptError(f"{tensors_path} does not match the hash in {record_path}; the "
+                           "files are corrupt or from different concepts")
+    return Concept(tensors, record)
+
+
+@dataclass
+class ConceptHandle:
+    """Undoes :func:`apply_concept`: pretrained K/V weights come back; the token row is
+    reset to zeros (the token stays in the tokenizer, meaning nothing)."""
+
+    kv: WeightHandle
+    text_encoder: Any
+    token_id: int
+
+    def remove(self) -> None:
+        self.kv.remove()
+        with torch.no_grad():
+            self.text_encoder.get_input_embeddings().weight[self.token_id].zero_()
+
+
+def check_base_model(concept: Concept, base_model: str) -> None:
+    """Refuse a concept trained on another base model (clear error naming both)."""
+    expected = concept.record["base_model"]
+    actual = model_identity(base_model)
+    if expected != actual:
+        raise ConceptError(f"concept for subject {concept.record.get('subject')!r} was trained "
+                           f"on base model {expected!r}, not {actual!r}")
+
+
+def apply_concept(pipeline: Any, concept: Concept, *, base_model: str) -> ConceptHandle:
+    """Load ``concept`` into a diffusers SD pipeline (or :class:`SDComponents`) in place.
+
+    Writes S_LF + S_HF into the placeholder's embedding row and the trained K/V into the
+    cross-attention projections. RRA tensors need the project's sampler (which installs the
+    RRA processors and the reference pass); a plain pipeline refuses them clearly.
+    """
+    check_base_model(concept, base_model)
+    if concept.tensors_with_prefix(RRA_PREFIX):
+        raise ConceptError("this concept has residual-reference-attention tensors; generate "
+                           "with eqdiff's sampler, which installs RRA and the reference pass")
+    token_id = write_token_row(pipeline.tokenizer, pipeline.text_encoder,
+                               concept.placeholder_token, concept.token_vector)
+    kv = write_kv_weights(pipeline.unet, concept.tensors_with_prefix(KV_PREFIX))
+    return ConceptHandle(kv, pipeline.text_encoder, token_id)

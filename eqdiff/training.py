@@ -1,0 +1,500 @@
+"""``train_concept``: one customization run for one subject and one method (METHOD.md §2–4, §6–7).
+
+The loop reads top to bottom: draw a batch, noise it, predict, compute the losses, step.
+Everything fixed is computed once before the loop (latent distributions of the full, low and
+high band images, latent masks, the class prompt's embeddings, tokenised prompts). All
+randomness comes from one CPU ``torch.Generator`` seeded from the config, so a run is
+reproducible on any device and a checkpoint (learned tensors, optimizer state, step,
+generator state) resumes bit-identically. Side effects — progress, checkpoints, validation
+images — are callbacks. RRA (and any other UNet extension) plugs in through
+:class:`TrainingExtension`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eqdiff.attention import (
+    CrossAttentionCapture,
+    ProcessorHandle,
+    install_custom_kv,
+    kv_learned_tensors,
+    kv_parameters,
+    load_kv_tensors,
+)
+from eqdiff.config import MethodConfig, RunConfig, config_hash, to_dict
+from eqdiff.embeddings import (
+    EmbeddingHandle,
+    PlaceholderEmbeddings,
+    add_placeholder_token,
+    install_placeholder_embeddings,
+)
+from eqdiff.frequency import Band, frequency_band, sample_bands
+from eqdiff.losses import (
+    cross_attention_mask_loss,
+    masked_diffusion_loss,
+    masked_noising,
+    prior_preservation_loss,
+    total_loss,
+)
+from eqdiff.masks import latent_masks
+from eqdiff.models import SDComponents
+
+logger = logging.getLogger(__name__)
+
+INSTANCE_PROMPT = "photo of a {token} {class_noun}"
+CLASS_PROMPT = "{class_noun}"
+
+
+@dataclass
+class ConceptData:
+    """What one subject contributes to training, as tensors on any device.
+
+    images: (N, 3, H, W) float in [-1, 1]; masks: (N, 1, H, W) in {0, 1} at pixel size;
+    prior_images: (M, 3, H, W) class images in [-1, 1] (M may be 0).
+    """
+
+    subject: str
+    class_noun: str
+    images: Tensor
+    masks: Tensor
+    prior_images: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.shape[0] < 1:
+            raise ValueError(f"{self.subject}: images must be (N>=1, 3, H, W), got "
+                             f"{tuple(self.images.shape)}")
+        if self.masks.shape != (self.images.shape[0], 1, *self.images.shape[2:]):
+            raise ValueError(f"{self.subject}: masks must be (N, 1, H, W) matching the images, "
+                             f"got {tuple(self.masks.shape)} for {tuple(self.images.shape)}")
+        if self.prior_images.ndim != 4 or self.prior_images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"{self.subject}: prior images must be (M, 3, H, W) like the "
+                             f"instance images, got {tuple(self.prior_images.shape)}")
+
+
+@dataclass
+class StepBatch:
+    """One step's draws, shared with extensions (RRA reads indices, timesteps and noise)."""
+
+    step: int
+    instance_indices: Tensor  # (Bi,) long
+    bands: tuple[Band, ...]
+    timesteps: Tensor  # (Bi + Bp,) long
+    noise: Tensor  # (Bi + Bp, C, h, w)
+    noisy_latents: Tensor  # (Bi + Bp, C, h, w)
+    latent_masks: Tensor  # (Bi, 1, h, w)
+    encoder_states: Tensor  # (Bi + Bp, L, D)
+    instance_count: int
+
+
+class TrainingExtension(Protocol):
+    """A UNet extension trained with the concept (RRA implements this)."""
+
+    prefix: str
+
+    def parameters(self) -> list[nn.Parameter]: ...
+
+    def before_unet(self, batch: StepBatch) -> None: ...
+
+    def loss_terms(self, batch: StepBatch) -> dict[str, Tensor]: ...
+
+    def after_step(self) -> None: ...
+
+    def learned_tensors(self) -> dict[str, Tensor]: ...
+
+    def load_learned_tensors(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+@dataclass
+class StepResult:
+    step: int  # 1-based count of finished steps
+    total_steps: int
+    losses: dict[str, float]
+    bands: tuple[Band, ...]
+
+
+class TrainingCallback:
+    """Hooks for side effects; every method is optional."""
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        """Called once before the first step (``start_step`` > 0 when resuming)."""
+
+    def on_step(self, result: StepResult, trainer: ConceptTrainer) -> None:
+        """Called after every optimizer step."""
+
+    def on_end(self, trainer: ConceptTrainer) -> None:
+        """Called once after the last step."""
+
+
+@dataclass
+class TrainedConcept:
+    """The learned tensors (by concept-file name) and a record of the run."""
+
+    tensors: dict[str, Tensor]
+    metadata: dict
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def training_hash(config: RunConfig, method: MethodConfig) -> str:
+    """Hash of everything that changes a trained concept (not storage, not sampling)."""
+    return config_hash(config.model, method, config.train, config.frequency, config.masks,
+                       config.rra, config.losses)
+
+
+def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA ("auto"), none (fp32) on CPU."""
+    precision = config.train.precision
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class ConceptTrainer:
+    """Holds the state of one training run; :func:`train_concept` drives it."""
+
+    def __init__(self, components: SDComponents, data: ConceptData, config: RunConfig,
+                 method: MethodConfig, *, device: torch.device | str = "cpu",
+                 extensions: Sequence[TrainingExtension] = ()) -> None:
+        self.components = components.freeze()
+        self.config, self.method = config, method
+        self.device = torch.device(device)
+        self.extensions = list(extensions)
+        self.total_steps = config.train.steps
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.amp_dtype = autocast_dtype(config, self.device)
+        self.loss_history: list[dict[str, float]] = []
+        self._handles: list[EmbeddingHandle | ProcessorHandle] = []
+        self._install(data)
+        self._precompute(data)
+        params = self.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.train.learning_rate,
+            betas=(config.train.adam_beta1, config.train.adam_beta2),
+            weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon,
+            fused=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ set-up
+    def _install(self, data: ConceptData) -> None:
+        c = self.components
+        tcfg = self.config.train
+        self.token_id, initial = add_placeholder_token(
+            c.tokenizer, c.text_encoder, tcfg.placeholder_token, tcfg.initializer_token)
+        c.to(self.device)
+        self.embeddings = PlaceholderEmbeddings(
+            initial, frequency_decomposed=self.method.fdte).to(self.device)
+        self._handles.append(install_placeholder_embeddings(c.text_encoder, self.token_id,
+                                                            self.embeddings))
+        self.capture = CrossAttentionCapture() if self.method.xattn_loss else None
+        self.kv_handle: ProcessorHandle | None = None
+        if self.method.train_kv or self.capture is not None:
+            self.kv_handle = install_custom_kv(c.unet, train_kv=self.method.train_kv,
+                                               capture=self.capture)
+            self._handles.append(self.kv_handle)
+        self.class_noun = data.class_noun
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [self.embeddings.vectors]
+        if self.kv_handle is not None:
+            params += kv_parameters(self.kv_handle)
+        for extension in self.extensions:
+            params += extension.parameters()
+        return params
+
+    @torch.no_grad()
+    def _encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """VAE latent mean and std (scaled by the VAE's scaling factor), encoded in chunks."""
+        vae = self.components.vae
+        means, stds = [], []
+        for chunk in images.split(8):
+            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        scale = vae.config.scaling_factor
+        return torch.cat(means) * scale, torch.cat(stds) * scale
+
+    @torch.no_grad()
+    def _precompute(self, data: ConceptData) -> None:
+        c, fcfg = self.components, self.config.frequency
+        images = data.images.to(self.device, torch.float32)
+        self.instance_count = images.shape[0]
+        versions = {Band.FULL: images}
+        if self.method.fdte:  # band images are fixed per concept image: filter once
+            versions[Band.LOW] = frequency_band(images, Band.LOW, fcfg)
+            versions[Band.HIGH] = frequency_band(images, Band.HIGH, fcfg)
+        self.instance_latents = {band: self._encode_distribution(v)
+                                 for band, v in versions.items()}
+        latent_side = self.instance_latents[Band.FULL][0].shape[-1]
+        mcfg = self.config.masks
+        pixel_masks = data.masks.to(self.device, torch.float32)
+        self.pixel_masks = pixel_masks
+        self.latent_masks = latent_masks(pixel_masks, latent_side,
+                                         iterations=mcfg.dilation_iterations,
+                                         kernel=mcfg.dilation_kernel)
+        use_prior = (self.method.prior_preservation and self.config.train.prior_batch > 0
+                     and data.prior_images.shape[0] > 0)
+        self.prior_batch = self.config.train.prior_batch if use_prior else 0
+        self.prior_latents = (self._encode_distribution(data.prior_images) if use_prior
+                              else None)
+        tokenize = c.tokenizer
+        prompt = INSTANCE_PROMPT.format(token=self.config.train.placeholder_token,
+                                        class_noun=data.class_noun)
+        self.instance_ids = tokenize(prompt, padding="max_length", truncation=True,
+                                     max_length=tokenize.model_max_length,
+                                     return_tensors="pt").input_ids.to(self.device)
+        if not bool((self.instance_ids == self.token_id).any()):
+            raise ValueError(f"the instance prompt {prompt!r} lost its placeholder to truncation")
+        if use_prior:
+            class_ids = tokenize(CLASS_PROMPT.format(class_noun=data.class_noun),
+                                 padding="max_length", truncation=True,
+                                 max_length=tokenize.model_max_length,
+                                 return_tensors="pt").input_ids.to(self.device)
+            with self._autocast():
+                self.class_states = c.text_encoder(class_ids)[0].float()  # fixed: no placeholder
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    # ------------------------------------------------------------------ the step
+    def _draw_latents(self, dist: tuple[Tensor, Tensor], indices: Tensor) -> Tensor:
+        mean, std = dist[0][indices], dist[1][indices]
+        eps = torch.randn(mean.shape, generator=self.generator).to(self.device)
+        return mean + std * eps
+
+    def _draw_batch(self) -> StepBatch:
+        tcfg, gen = self.config.train, self.generator
+        bi, bp = tcfg.instance_batch, self.prior_batch
+        indices = torch.randint(self.instance_count, (bi,), generator=gen)
+        bands = (sample_bands(bi, self.config.frequency, gen) if self.method.fdte
+                 else (Band.FULL,) * bi)
+        per_band = [self._draw_latents(self.instance_latents[b], indices[i:i + 1])
+                    for i, b in enumerate(bands)]
+        latents = torch.cat(per_band)
+        if bp:
+            prior_indices = torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen)
+            latents = torch.cat([latents, self._draw_latents(self.prior_latents, prior_indices)])
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        scheduler = self.components.noise_scheduler
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (bi + bp,),
+                                  generator=gen).to(self.device)
+        instance_indices = indices.to(self.device)
+        masks = self.latent_masks[instance_indices]
+        if self.method.mgdp:
+            noisy_inst = masked_noising(latents[:bi], noise[:bi], timesteps[:bi], masks,
+                                        scheduler)
+        else:
+            noisy_inst = scheduler.add_noise(latents[:bi], noise[:bi], timesteps[:bi])
+        noisy = torch.cat([noisy_inst, scheduler.add_noise(latents[bi:], noise[bi:],
+                                                           timesteps[bi:])])
+        return StepBatch(self.step, instance_indices, bands, timesteps, noise, noisy, masks,
+                         encoder_states=torch.empty(0), instance_count=bi)
+
+    def _targets(self, batch: StepBatch) -> Tensor:
+        scheduler = self.components.noise_scheduler
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return batch.noise
+        raise ValueError(f"prediction type {kind!r} is not supported for customization "
+                         "(SD-1.x predicts epsilon)")
+
+    def train_step(self) -> StepResult:
+        c = self.components
+        batch = self._draw_batch()
+        bi = batch.instance_count
+        mix = self.embeddings.mix_for_bands(batch.bands)
+        with self._autocast():
+            ids = self.instance_ids.expand(bi, -1)
+            with self.embeddings.mixing(mix):
+                instance_states = c.text_encoder(ids)[0]
+            states = instance_states
+            if self.prior_batch:
+                states = torch.cat([instance_states, self.class_states.to(states.dtype)
+                                    .expand(self.prior_batch, -1, -1)])
+            batch.encoder_states = states
+            for extension in self.extensions:
+                extension.before_unet(batch)
+            if self.capture is not None:
+                token_rows = torch.zeros(states.shape[0], states.shape[1], dtype=torch.bool,
+                                         device=self.device)
+                token_rows[:bi] = ids == self.token_id
+                self.capture.begin(token_rows)
+            pred = c.unet(batch.noisy_latents, batch.timesteps, states).sample.float()
+        target = self._targets(batch).float()
+        if self.method.mgdp:
+            parts = {"inst": masked_diffusion_loss(pred[:bi], target[:bi], batch.latent_masks)}
+        else:
+            parts = {"inst": F.mse_loss(pred[:bi], target[:bi])}
+        if self.prior_batch:
+            parts["prior"] = prior_preservation_loss(pred[bi:], target[bi:])
+        if self.capture is not None:
+            resolution = self.config.losses.xattn_resolution
+            maps = self.capture.maps_at(resolution)[:bi]
+            parts["xattn"] = cross_attention_mask_loss(
+                maps, self.pixel_masks[batch.instance_indices], resolution)
+            self.capture.clear()
+        for extension in self.extensions:
+            parts.update(extension.loss_terms(batch))
+        losses = total_loss(parts, self.config.losses)
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for extension in self.extensions:
+            extension.after_step()
+        self.step += 1
+        logged = losses.to_log()
+        self.loss_history.append(logged)
+        return StepResult(self.step, self.total_steps, logged, batch.bands)
+
+    # ------------------------------------------------------------------ state
+    def learned_tensors(self) -> dict[str, Tensor]:
+        tensors = self.embeddings.learned_tensors()
+        if self.kv_handle is not None:
+            tensors.update(kv_learned_tensors(self.kv_handle))
+        for extension in self.extensions:
+            tensors.update(extension.learned_tensors())
+        return {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs; only tensors and plain values (loads with weights_only)."""
+        return {"step": self.step, "learned": self.learned_tensors(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "loss_history": self.loss_history,
+                "training_hash": training_hash(self.config, self.method)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = training_hash(self.config, self.method)
+        if state["training_hash"] != expected:
+            raise ValueError(f"checkpoint was made with another configuration "
+                             f"({state['training_hash']} != {expected}); not resuming from it")
+        learned = state["learned"]
+        with torch.no_grad():
+            self.embeddings.vectors.copy_(learned["eqdiff_token.vectors"])
+        if self.kv_handle is not None and self.method.train_kv:
+            load_kv_tensors(self.kv_handle, learned)
+        for extension in self.extensions:
+            extension.load_learned_tensors(learned)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.loss_history = list(state["loss_history"])
+
+    def remove(self) -> None:
+        """Uninstall hooks and processors: the base model is as it was loaded (plus the token)."""
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+
+
+class Checkpointer(TrainingCallback):
+    """Writes ``last.pt`` every ``every`` steps (atomically) and resumes from it.
+
+    The file holds tensors and plain values only and is read with ``weights_only=True``.
+    """
+
+    def __init__(self, folder: str | Path, every: int) -> None:
+        self.folder = Path(folder)
+        self.every = every
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "last.pt"
+
+    def restore(self, trainer: ConceptTrainer) -> bool:
+        if not self.path.is_file():
+            return False
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        trainer.load_state_dict(state)
+        logger.info("resumed %s from step %d", self.folder, trainer.step)
+        return True
+
+    def save(self, trainer: ConceptTrainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(trainer.state_dict(), partial)
+        partial.replace(self.path)
+
+    def on_step(self, result: StepResult, trainer: ConceptTrainer) -> None:
+        if self.every and result.step % self.every == 0 and result.step < result.total_steps:
+            self.save(trainer)
+
+
+class ProgressBar(TrainingCallback):
+    """A tqdm bar with the running loss (shown on a terminal, quiet in logs otherwise)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self._bar = None
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=self.description,
+                         unit="step", leave=False)
+
+    def on_step(self, result: StepResult, trainer: ConceptTrainer) -> None:
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{result.losses['loss']:.4f}")
+
+    def on_end(self, trainer: ConceptTrainer) -> None:
+        self._bar.close()
+
+
+def train_concept(components: SDComponents, data: ConceptData, config: RunConfig,
+                  method: MethodConfig, *, device: torch.device | str = "cpu",
+                  checkpoint_dir: str | Path | None = None,
+                  callbacks: Sequence[TrainingCallback] = (),
+                  extensions: Sequence[TrainingExtension] = (),
+                  stop_after: int | None = None) -> TrainedConcept:
+    """Train one concept; resume from ``checkpoint_dir`` when it holds a checkpoint.
+
+    ``components`` are modified in place (token added, processors installed, then removed):
+    load a fresh copy per concept. ``stop_after`` ends the run early after that many steps in
+    total (used to simulate an interruption in tests).
+    """
+    started = time.perf_counter()
+    if method.rra and not any(e.prefix == "eqdiff_rra." for e in extensions):
+        raise ValueError(f"method {method.name!r} enables residual reference attention; pass "
+                         "the RRA extension (or use a method with rra=False)")
+    trainer = ConceptTrainer(components, data, config, method, device=device,
+                             extensions=extensions)
+    callbacks = list(callbacks)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(checkpoint_dir, config.train.checkpoint_every)
+        checkpointer.restore(trainer)
+        callbacks.append(checkpointer)
+    start = trainer.step
+    last = trainer.total_steps if stop_after is None else min(stop_after, trainer.total_steps)
+    try:
+        for callback in callbacks:
+            callback.on_start(start, trainer.total_steps)
+        while trainer.step < last:
+            result = trainer.train_step()
+            for callback in callbacks:
+                callback.on_step(result, trainer)
+        if checkpointer is not None and trainer.step < trainer.total_steps:
+            checkpointer.save(trainer)
+        for callback in callbacks:
+            callback.on_end(trainer)
+        metadata = {
+            "subject": data.subject, "class_noun": data.class_noun, "method": to_dict(method),
+            "placeholder_token": config.train.placeholder_token,
+            "training_hash": training_hash(config, method), "steps": trainer.step,
+            "resumed_from_step": start, "seconds": round(time.perf_counter() - started, 3),
+            "device": str(trainer.device), "instance_images": trainer.instance_count,
+        }
+        return TrainedConcept(trainer.learned_tensors(), metadata, trainer.loss_history)
+    finally:
+        trainer.remove()
