@@ -1,0 +1,64 @@
+"""Class-prior images for prior preservation (METHOD.md §7).
+
+The base model draws ``count`` images of the bare class noun (``"{class_noun}"``). Each image
+has its own seed (``seed + i``), so a larger count extends a smaller one and the batch size
+never changes an image. Subjects of the same class share them: :func:`prior_hash` is the cache
+key of (base model, class, count, seed, sampler, resolution).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from eqdiff.config import SampleConfig, config_hash
+from eqdiff.models import SDComponents, model_identity
+from eqdiff.training import CLASS_PROMPT
+
+logger = logging.getLogger(__name__)
+
+
+def prior_hash(base_model: str, class_noun: str, *, count: int, seed: int,
+               sample: SampleConfig, resolution: int) -> str:
+    """Content hash naming a set of class-prior images (the cache key's last part)."""
+    return config_hash({"model": model_identity(base_model), "class": class_noun,
+                        "count": count, "seed": seed, "resolution": resolution,
+                        "steps": sample.steps, "guidance": sample.guidance_scale,
+                        "negative": sample.negative_prompt, "scheduler": "ddim"}, length=32)
+
+
+@torch.no_grad()
+def generate_class_priors(components: SDComponents, class_noun: str, *, count: int, seed: int,
+                          sample: SampleConfig, resolution: int,
+                          device: torch.device | str = "cpu", batch_size: int = 8,
+                          progress: Callable[[int, int], None] | None = None
+                          ) -> list[Image.Image]:
+    """Draw ``count`` images of ``class_noun`` with the base model (DDIM, the sample config's
+    steps, CFG and negative prompt). Image ``i`` uses seed ``seed + i``."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer, unet=components.unet,
+        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    prompt = CLASS_PROMPT.format(class_noun=class_noun)
+    images: list[Image.Image] = []
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(size)]
+        result = pipeline([prompt] * size, negative_prompt=[sample.negative_prompt] * size,
+                          num_inference_steps=sample.steps,
+                          guidance_scale=sample.guidance_scale, eta=sample.eta,
+                          height=resolution, width=resolution, generator=generators)
+        images.extend(result.images)
+        if progress is not None:
+            progress(len(images), count)
+    logger.info("drew %d class-prior images of %r", count, class_noun)
+    return images
