@@ -1,0 +1,417 @@
+"""DreamBench metrics: CLIP-I, CLIP-T and DINO (EVALUATION.md), and the per-image score rows.
+
+Scorers load their model once and embed many images in batches:
+
+- :class:`CLIPScorer` — an open_clip model (default ViT-B/32 with OpenAI weights) for CLIP-I
+  (image↔image) and CLIP-T (image↔text), with the model's own preprocessing; raw cosines
+  (CLIP-T ≈ 0.30, never ×100).
+- :class:`DINOScorer` — a transformers ViT (default ``facebook/dino-vits16``); the embedding is
+  the CLS token of the last layer (``last_hidden_state[:, 0]``, not a pooler output), after the
+  protocol's preprocessing (resize 256 bicubic, centre-crop 224, ImageNet mean/std), built here
+  with torchvision so a saved processor config cannot change it.
+
+Weights are read from safetensors only; a pickle checkpoint is refused. Real-image features are
+computed once per subject through :class:`FeatureCache` (keyed by scorer id and image sha256).
+
+The protocol (per subject, the mean over all (generated, real) pairs, then the mean over
+subjects) starts here: :func:`score_images` writes one row per generated image whose ``clip_i``
+and ``dino`` are the mean over that subject's real images, so the mean of a subject's rows is the
+mean over all its pairs. :func:`real_image_rows` gives the real-images upper bound (i ≠ j).
+The tables built from these rows are in :mod:`eqdiff.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+logger = logging.getLogger(__name__)
+
+DINO_RESIZE = 256
+DINO_CROP = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_SAFE_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+REAL_IMAGES = "real images"  # the method name of the real-vs-real upper bound rows
+SCORE_COLUMNS = ("run", "subject", "class", "kind", "method", "prompt", "prompt_index", "seed",
+                 "image_key", "clip_i", "clip_t", "dino")
+
+
+# --------------------------------------------------------------------------- pure functions
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities: ``a`` (N, D), ``b`` (M, D) → (N, M), float32.
+
+    Inputs need not be normalised; the result is on their device.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected (N, D) and (M, D) features, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def subject_scores(gen_feats: torch.Tensor, real_feats: torch.Tensor) -> float:
+    """The protocol's per-subject score: the mean cosine over all (generated, real) pairs.
+
+    ``gen_feats`` (N, D) and ``real_feats`` (M, D); N, M ≥ 1.
+    """
+    if len(gen_feats) == 0 or len(real_feats) == 0:
+        raise ValueError("subject_scores needs at least one generated and one real feature")
+    return float(cosine_matrix(gen_feats, real_feats).mean())
+
+
+def real_upper_bound(real_feats: torch.Tensor) -> float:
+    """The real-images upper bound: mean cosine over ordered pairs of real images with i ≠ j.
+
+    ``real_feats`` (M, D) with M ≥ 2.
+    """
+    return float(real_pair_means(real_feats).mean())
+
+
+def real_pair_means(real_feats: torch.Tensor) -> torch.Tensor:
+    """Per real image, its mean cosine to the *other* real images: (M, D) → (M,), float32.
+
+    The mean of the result equals :func:`real_upper_bound` (every row averages M-1 pairs).
+    """
+    count = len(real_feats)
+    if count < 2:
+        raise ValueError(f"the real-images bound needs at least 2 images, got {count}")
+    sims = cosine_matrix(real_feats, real_feats)
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=sims.device)
+    return (sims * off_diagonal).sum(dim=1) / (count - 1)
+
+
+def strip_placeholder(prompt: str, placeholders: str | Sequence[str]) -> str:
+    """The prompt for CLIP-T: every placeholder token removed, whitespace squashed.
+
+    ``strip_placeholder("a <eqd> dog in the jungle", "<eqd>") == "a dog in the jungle"``.
+    """
+    tokens = [placeholders] if isinstance(placeholders, str) else list(placeholders)
+    for token in tokens:
+        if not token.strip():
+            raise ValueError(f"placeholder token must not be blank, got {token!r}")
+        prompt = prompt.replace(token, " ")
+    return " ".join(prompt.split())
+
+
+# --------------------------------------------------------------------------- scorers
+
+class ImageEmbedder(Protocol):
+    """What :class:`FeatureCache` needs from a scorer."""
+
+    scorer_id: str
+
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised features (N, D), float32, on the CPU."""
+        ...
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _embed_in_batches(images: Sequence[Image.Image], preprocess: Callable[[Image.Image],
+                      torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device, batch_size: int) -> torch.Tensor:
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([preprocess(_rgb(im)) for im in images[start:start + batch_size]])
+            outputs.append(F.normalize(encode(batch.to(device)).float(), dim=-1).cpu())
+    if not outputs:
+        raise ValueError("no images to embed")
+    return torch.cat(outputs)
+
+
+def _safe_file(path: Path, what: str) -> Path:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{what}: {path} is not a .safetensors file; pickle checkpoints are "
+                         "refused (convert it with safetensors.torch.save_file)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: weights file {path} does not exist")
+    return path
+
+
+def _open_clip_folder(folder: Path) -> str:
+    """``local-dir:`` name of an open_clip folder after checking it holds safetensors weights."""
+    if not (folder / OPEN_CLIP_CONFIG).is_file():
+        raise FileNotFoundError(f"CLIP model folder {folder} has no {OPEN_CLIP_CONFIG}")
+    if not any((folder / name).is_file() for name in OPEN_CLIP_SAFE_WEIGHTS):
+        names = " or ".join(OPEN_CLIP_SAFE_WEIGHTS)
+        raise ValueError(f"CLIP model folder {folder} holds no {names}; pickle checkpoints are "
+                         "refused")
+    return f"local-dir:{folder}"
+
+
+def _resolve_open_clip(model: str, pretrained: str) -> tuple[str, str | None]:
+    """(open_clip model name, pretrained weights file or None) for any supported source."""
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        return _open_clip_folder(Path(model.removeprefix("local-dir:"))), None
+    if Path(model).is_dir():
+        return _open_clip_folder(Path(model)), None
+    if model.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        repo = model.removeprefix("hf-hub:")
+        try:
+            folder = snapshot_download(repo, allow_patterns=[OPEN_CLIP_CONFIG,
+                                                             *OPEN_CLIP_SAFE_WEIGHTS])
+        except Exception as error:  # hub errors come in many classes; name the repo
+            raise FileNotFoundError(f"cannot fetch CLIP model {model!r} from the hub or its "
+                                    f"cache: {error}") from error
+        return _open_clip_folder(Path(folder)), None
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model {model!r}: give an open_clip name (e.g. ViT-B-32), "
+                         "a folder with open_clip_config.json, 'local-dir:PATH' or "
+                         "'hf-hub:ORG/NAME'")
+    if not pretrained:
+        raise ValueError(f"CLIP model {model!r} needs pretrained weights: an open_clip tag such as "
+                         "'openai' or a .safetensors file")
+    if Path(pretrained).suffix or Path(pretrained).exists():
+        return model, str(_safe_file(Path(pretrained), f"CLIP {model}"))
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        raise ValueError(f"open_clip has no weights {pretrained!r} for {model}; known tags: "
+                         f"{open_clip.list_pretrained_tags_by_model(model)}")
+    try:
+        path = open_clip.download_pretrained(cfg)
+    except Exception as error:  # network/cache failures: name the weights asked for
+        raise FileNotFoundError(f"cannot fetch CLIP weights {model}/{pretrained} from the hub or "
+                                f"its cache: {error}") from error
+    return model, str(_safe_file(Path(path), f"CLIP {model}/{pretrained}"))
+
+
+class CLIPScorer:
+    """An open_clip model for CLIP-I and CLIP-T; loaded once, embeds in batches.
+
+    ``model`` is an open_clip name (``"ViT-B-32"``) with ``pretrained`` an open_clip tag
+    (``"openai"``) or a local ``.safetensors`` file; or a folder holding
+    ``open_clip_config.json`` + safetensors weights (``"local-dir:/path"`` or the bare path);
+    or ``"hf-hub:org/name"``. Features are L2-normalised float32 on the CPU.
+    """
+
+    def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", *,
+                 device: torch.device | str = "cpu", batch_size: int = 32) -> None:
+        import open_clip
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        name, weights = _resolve_open_clip(model, pretrained)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=weights, device=self.device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.scorer_id = f"clip:{name}:{weights or ''}"
+        logger.info("CLIP scorer %s on %s", self.scorer_id, self.device)
+
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) of PIL images, float32 on the CPU."""
+        return _embed_in_batches(images, self.preprocess, self.model.encode_image, self.device,
+                                 self.batch_size)
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D), float32 on the CPU."""
+        if not texts:
+            raise ValueError("no texts to embed")
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                tokens = self.tokenizer(list(texts[start:start + self.batch_size]))
+                features = self.model.encode_text(tokens.to(self.device)).float()
+                outputs.append(F.normalize(features, dim=-1).cpu())
+        return torch.cat(outputs)
+
+
+def dino_preprocess() -> transforms.Compose:
+    """The protocol's DINO preprocessing: resize 256 (shorter side, bicubic), centre-crop 224,
+    ImageNet mean/std."""
+    return transforms.Compose([
+        transforms.Resize(DINO_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(DINO_CROP),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class DINOScorer:
+    """A transformers ViT (DINO ViT-S/16 by default) whose CLS token is the image embedding.
+
+    ``model`` is a folder written by ``save_pretrained`` or a hub id; only safetensors weights
+    are read. With ``local_files_only`` the hub is never contacted.
+    """
+
+    def __init__(self, model: str = "facebook/dino-vits16", *, device: torch.device | str = "cpu",
+                 batch_size: int = 32, local_files_only: bool = False) -> None:
+        from transformers import ViTModel
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if Path(model).is_dir() and not (Path(model) / "model.safetensors").is_file():
+            raise ValueError(f"DINO model folder {model} has no model.safetensors; pickle "
+                             "checkpoints are refused")
+        try:
+            network = ViTModel.from_pretrained(model, use_safetensors=True,
+                                               local_files_only=local_files_only,
+                                               add_pooling_layer=False)
+        except OSError as error:
+            where = "local files only" if local_files_only else "hub or local cache"
+            raise FileNotFoundError(f"cannot load DINO model {model!r} ({where}): {error}"
+                                    ) from error
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = network.to(self.device).eval()
+        self.preprocess = dino_preprocess()
+        self.scorer_id = f"dino:{model}"
+        logger.info("DINO scorer %s on %s", self.scorer_id, self.device)
+
+    def _cls(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised CLS embeddings (N, D) of PIL images, float32 on the CPU."""
+        return _embed_in_batches(images, self.preprocess, self._cls, self.device, self.batch_size)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+class FeatureCache:
+    """Image features keyed by ``(scorer id, image sha256)``, so real images are embedded once.
+
+    ``load(key)`` / ``save(key, features)`` optionally persist entries (for example as
+    ``.safetensors`` in the artifact store); keys are ``"{scorer_id}/{sha256}"``.
+    """
+
+    def __init__(self, load: Callable[[str], torch.Tensor | None] | None = None,
+                 save: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        self._entries: dict[str, torch.Tensor] = {}
+        self._load = load
+        self._save = save
+        self.computed = 0  # images embedded by a scorer (not found in memory or by ``load``)
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        if key not in self._entries and self._load is not None:
+            found = self._load(key)
+            if found is not None:
+                self._entries[key] = found
+        return self._entries.get(key)
+
+    def features(self, scorer: ImageEmbedder, images: Sequence[tuple[str, Image.Image]]
+                 ) -> torch.Tensor:
+        """Features (N, D) of ``(sha256, image)`` pairs, in order; only unseen ones are embedded,
+        together in one batched call."""
+        keys = [f"{scorer.scorer_id}/{sha}" for sha, _ in images]
+        missing = {key: image for key, (_, image) in zip(keys, images, strict=True)
+                   if self._lookup(key) is None}
+        if missing:
+            fresh = scorer.image_features(list(missing.values()))
+            self.computed += len(missing)
+            for key, feature in zip(missing, fresh, strict=True):
+                self._entries[key] = feature
+                if self._save is not None:
+                    self._save(key, feature)
+        return torch.stack([self._entries[key] for key in keys])
+
+
+# --------------------------------------------------------------------------- score rows
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image to score, with the prompt it was generated from."""
+
+    key: str  # its artifact key (or any stable id)
+    prompt: str  # as generated; placeholders are stripped for CLIP-T
+    prompt_index: int
+    seed: int
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class RealImage:
+    """One real photo of a subject: a loadable key, the sha256 of its file and the image."""
+
+    key: str
+    sha256: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class RealFeatures:
+    """One subject's real-image features: ``clip`` (M, Dc) and ``dino`` (M, Dd), normalised."""
+
+    keys: tuple[str, ...]
+    clip: torch.Tensor
+    dino: torch.Tensor
+
+
+def real_features(images: Sequence[RealImage], clip: CLIPScorer, dino: DINOScorer,
+                  cache: FeatureCache | None = None) -> RealFeatures:
+    """Embed a subject's real images once (looked up in and added to ``cache``)."""
+    if not images:
+        raise ValueError("a subject needs at least one real image")
+    cache = cache if cache is not None else FeatureCache()
+    pairs = [(r.sha256, r.image) for r in images]
+    return RealFeatures(keys=tuple(r.key for r in images), clip=cache.features(clip, pairs),
+                        dino=cache.features(dino, pairs))
+
+
+def _rows(records: list[dict[str, object]]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records, columns=list(SCORE_COLUMNS))
+    return frame.astype({"prompt_index": "int64", "seed": "int64", "clip_i": "float64",
+                         "clip_t": "float64", "dino": "float64"})
+
+
+def score_images(generated: Sequence[GeneratedImage], real: RealFeatures, *, clip: CLIPScorer,
+                 dino: DINOScorer, run_id: str, subject: str, class_noun: str, kind: str,
+                 method: str, placeholders: str | Sequence[str]) -> pd.DataFrame:
+    """One row per generated image (columns :data:`SCORE_COLUMNS`).
+
+    ``clip_i``/``dino``: mean cosine to the subject's real images; ``clip_t``: cosine between the
+    image and its prompt with the placeholders removed (the ``prompt`` column holds that text).
+    """
+    if not generated:
+        raise ValueError(f"{subject}/{method}: no generated images to score")
+    images = [g.image for g in generated]
+    plain = [strip_placeholder(g.prompt, placeholders) for g in generated]
+    unique = sorted(set(plain))
+    text = clip.text_features(unique)
+    text_rows = text[[unique.index(p) for p in plain]]
+    clip_feats = clip.image_features(images)
+    clip_i = cosine_matrix(clip_feats, real.clip).mean(dim=1)
+    clip_t = (clip_feats * text_rows).sum(dim=1)
+    dino_i = cosine_matrix(dino.image_features(images), real.dino).mean(dim=1)
+    return _rows([{"run": run_id, "subject": subject, "class": class_noun, "kind": kind,
+                   "method": method, "prompt": prompt, "prompt_index": g.prompt_index,
+                   "seed": g.seed, "image_key": g.key, "clip_i": float(ci), "clip_t": float(ct),
+                   "dino": float(di)}
+                  for g, prompt, ci, ct, di in zip(generated, plain, clip_i, clip_t, dino_i,
+                                                   strict=True)])
+
+
+def real_image_rows(real: RealFeatures, *, run_id: str, subject: str, class_noun: str,
+                    kind: str) -> pd.DataFrame:
+    """The upper bound as rows of method :data:`REAL_IMAGES`: one per real image, its mean cosine
+    to the other real images (``clip_t`` is NaN: there is no prompt). Empty with < 2 images."""
+    if len(real.keys) < 2:
+        logger.warning("%s: fewer than 2 real images, no real-images bound", subject)
+        return _rows([])
+    clip_i, dino_i = real_pair_means(real.clip), real_pair_means(real.dino)
+    return _rows([{"run": run_id, "subject": subject, "class": class_noun, "kind": kind,
+                   "method": REAL_IMAGES, "prompt": "", "prompt_index": -1, "seed": -1,
+                   "image_key": key, "clip_i": float(ci), "clip_t": float("nan"),
+                   "dino": float(di)}
+                  for key, ci, di in zip(real.keys, clip_i, dino_i, strict=True)])
+
