@@ -213,12 +213,15 @@ def unescape_segment(segment: str) -> str:
     return urllib.parse.unquote(segment, errors="strict")
 
 
-ArtifactKind = Literal["run", "concept", "samples", "scores", "report", "mask", "prior"]
+ArtifactKind = Literal["run", "subject", "checkpoint", "concept", "samples", "scores", "report",
+                       "mask", "prior"]
 
 # The storage layout (DESIGN.md). Every prefix is a stage prefix: its marker lives at
 # {prefix}/_SUCCESS.json. Placeholders are filled by artifact_key.
 _LAYOUT: dict[str, tuple[str, ...]] = {
     "run": ("runs", "{run_id}"),
+    "subject": ("runs", "{run_id}", "subjects", "{subject}"),
+    "checkpoint": ("runs", "{run_id}", "checkpoints", "{subject}", "{method}"),
     "concept": ("runs", "{run_id}", "concepts", "{subject}", "{method}"),
     "samples": ("runs", "{run_id}", "samples", "{subject}", "{method}"),
     "scores": ("runs", "{run_id}", "scores", "{subject}", "{method}"),
@@ -239,6 +242,8 @@ def artifact_key(kind: ArtifactKind, *, run_id: str | None = None, subject: str 
     Layout, relative to the store's root::
 
         run      runs/{run_id}/                                  name: run.json
+        subject  runs/{run_id}/subjects/{subject}/               preprocess/, masks/
+        checkpoint runs/{run_id}/checkpoints/{subject}/{method}/ last.pt (training resume)
         concept  runs/{run_id}/concepts/{subject}/{method}/      concept.safetensors, concept.json
         samples  runs/{run_id}/samples/{subject}/{method}/       {prompt_idx:02d}_{k}.png
         scores   runs/{run_id}/scores/{subject}/{method}/        scores.parquet

@@ -60,3 +60,66 @@ def s3_bucket_url(s3_client) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The offline tiny models (SD, CLIP, DINO), built once per session, as folders."""
+    from eqdiff.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server (SQLite) on a free port for the session; yields its API URL.
+
+    ``PREFECT_API_URL`` and ``PREFECT_HOME`` point at it for this process and its children
+    (Ray workers included), so flows, tasks and deployments all talk to it.
+    """
+    from flows.server import ensure_server, stop_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PREFECT_API_URL", raising=False)
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+        server = ensure_server(port=_free_port(), home=home)
+        mp.setenv("PREFECT_API_URL", server.api_url)
+        try:
+            yield server.api_url
+        finally:
+            stop_server(home)
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray instance (2 CPUs, no dashboard, no token auth) for the session."""
+    import ray
+
+    from flows.compute import ray_init_kwargs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("EQDIFF_RAY_NUM_CPUS", "2")
+        if not ray.is_initialized():
+            ray.init(**ray_init_kwargs(""))
+        try:
+            yield
+        finally:
+            ray.shutdown()

@@ -1,0 +1,97 @@
+"""Where the heavy stages run: a Ray cluster (local by default) or this process.
+
+GPU requests are derived from what the cluster has — a ``num_gpus`` request a Ray cluster
+cannot meet waits forever — and the Prefect API URL reaches every worker through the
+``runtime_env`` (prefect-ray does not forward it to remote nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+ComputeTarget = Literal["ray", "local"]
+
+# Settings a worker needs to talk to the same Prefect API and artifact store as the flow.
+# Credentials are not forwarded: workers use their own boto3 credential chain.
+FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "HF_HOME",
+                 "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """How heavy tasks are placed: the Ray resources each asks for (empty for ``local``)."""
+
+    target: ComputeTarget
+    address: str = ""
+    gpus_per_task: float = 0.0
+    cpus_per_task: float = 1.0
+    cluster_gpus: float = 0.0
+    cluster_cpus: float = 0.0
+
+    @property
+    def device(self) -> str:
+        """The torch device a task should use on its worker."""
+        if self.target == "ray":
+            return "cuda" if self.gpus_per_task > 0 else "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def remote_options(self) -> dict[str, float]:
+        if self.target != "ray":
+            return {}
+        options = {"num_cpus": self.cpus_per_task}
+        if self.gpus_per_task:
+            options["num_gpus"] = self.gpus_per_task
+        return options
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables forwarded to Ray workers (only those that are set)."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def ray_init_kwargs(address: str) -> dict:
+    """Arguments for ``ray.init``: a local cluster without the dashboard or token auth, or a
+    connection to ``address``; the worker environment travels in ``runtime_env``."""
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "namespace": "eqdiff",
+                    "log_to_driver": True}
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs.update(include_dashboard=False,
+                      num_cpus=int(os.environ.get("EQDIFF_RAY_NUM_CPUS", os.cpu_count() or 1)))
+    return kwargs
+
+
+def plan_compute(target: ComputeTarget, address: str = "",
+                 gpus_per_task: float = 1.0) -> ComputePlan:
+    """Start or join Ray (for ``ray``) and size task requests to the cluster.
+
+    ``address`` defaults to ``RAY_ADDRESS``; empty starts a local Ray instance. A task asks for
+    ``gpus_per_task`` GPUs only when the cluster has at least that many, else for none (CPU).
+    """
+    if target == "local":
+        return ComputePlan("local")
+    if target != "ray":
+        raise ValueError(f"compute target must be 'ray' or 'local', got {target!r}")
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not ray.is_initialized():
+        ray.init(address or None, **ray_init_kwargs(address))
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    per_task = gpus_per_task if gpus >= gpus_per_task > 0 else 0.0
+    if gpus_per_task and not per_task:
+        logger.info("the Ray cluster has no GPU: tasks run on CPU")
+    plan = ComputePlan("ray", address, gpus_per_task=per_task, cpus_per_task=1.0,
+                       cluster_gpus=gpus, cluster_cpus=cpus)
+    logger.info("compute: Ray %s with %g CPU, %g GPU; %g GPU per task",
+                address or "(local)", cpus, gpus, per_task)
+    return plan

@@ -1,0 +1,106 @@
+"""The parameters of ``customize_dataset``: a pydantic model the Prefect UI renders as a form.
+
+Names match the YAML config files of ``eqdiff run``. Everything is validated here, at the
+boundary, and turned into the frozen :class:`eqdiff.config.RunConfig` the stages use.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from eqdiff.config import (
+    METHOD_PRESETS,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    StorageConfig,
+    TrainConfig,
+    config_hash,
+    from_dict,
+    method_preset,
+    to_dict,
+)
+
+MethodName = Literal[tuple(METHOD_PRESETS)]  # type: ignore[valid-type]
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CustomizeParams(BaseModel):
+    """A dataset-wide customization run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        "demo", description="Dataset folder (DreamBench layout or plain folders + subjects.csv)"
+                            ", or 'demo' for the built-in synthetic dataset")
+    subjects: list[str] = Field(default_factory=list,
+                                description="Only these subjects (empty: all)")
+    methods: list[MethodName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["eqdiff", "custom-diffusion"],
+        description="EqDiff, its ablations and baselines, trained on identical data and seeds")
+    steps: int = Field(600, ge=1, le=100_000, description="Training steps per concept")
+    prompt_set: str = Field("", description="Evaluation prompt set (empty: DreamBench's object "
+                                            "or live list per subject)")
+    max_prompts: int = Field(0, ge=0, description="Use only the first N prompts (0: all)")
+    images_per_prompt: int = Field(4, ge=1, le=64)
+    base_model: str = Field(ModelConfig().base_model,
+                            description="Diffusers folder or hub id of an SD-1.x model; 'tiny' "
+                                        "for the offline test model")
+    storage_url: str = Field("./artifacts", description="Folder, file:///… or s3://bucket/prefix")
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS)")
+    compute: Literal["ray", "local"] = Field("ray", description="Ray cluster or this process")
+    ray_address: str = Field("", description="Ray cluster address (empty: RAY_ADDRESS or a "
+                                             "local instance)")
+    run_id: str = Field("", description="Name of the run in the store (empty: derived from "
+                                        "these parameters, so a rerun continues the same run)")
+    overrides: dict[str, object] = Field(
+        default_factory=dict,
+        description="Advanced config overrides by dotted key, e.g. {'train.learning_rate': 1e-5}")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if value and not RUN_ID.match(value):
+            raise ValueError(f"run_id must be letters, digits, '_', '.', '-' (max 64), got "
+                             f"{value!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("choose at least one method")
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods repeat: {value}")
+        return value
+
+    def run_config(self, *, base_model: str, eval_models: EvalConfig | None = None,
+                   resolution: int | None = None) -> RunConfig:
+        """The frozen run configuration (``base_model`` resolved by the flow)."""
+        train = TrainConfig(steps=self.steps)
+        sample = SampleConfig(images_per_prompt=self.images_per_prompt)
+        if resolution is not None:
+            train = from_dict(TrainConfig, {**to_dict(train), "resolution": resolution})
+            sample = from_dict(SampleConfig, {**to_dict(sample), "resolution": resolution})
+        config = RunConfig(
+            model=ModelConfig(base_model=base_model, local_files_only=True),
+            methods=tuple(method_preset(m) for m in self.methods), train=train, sample=sample,
+            eval=eval_models or EvalConfig(),
+            storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url))
+        if self.overrides:
+            from eqdiff.config import with_overrides
+
+            config = with_overrides(config, dict(self.overrides))
+        return config
+
+    def derived_run_id(self) -> str:
+        """A stable run id from the parameters that change results."""
+        if self.run_id:
+            return self.run_id
+        payload = self.model_dump(exclude={"storage_url", "s3_endpoint_url", "compute",
+                                           "ray_address", "run_id"})
+        return f"run-{config_hash(payload, length=10)}"
