@@ -512,8 +512,13 @@ def load_plain(path: str | Path, *, min_images: int = DEFAULT_MIN_IMAGES) -> Dat
 
 
 def _finish(dataset: Dataset) -> Dataset:
+    """Log the problems (one line per kind) and return the dataset."""
+    by_kind: dict[str, list[str]] = {}
     for problem in dataset.problems:
-        logger.warning("%s: %s", dataset.root, problem.message)
+        by_kind.setdefault(problem.kind, []).append(problem.subject)
+    for kind, names in by_kind.items():
+        logger.warning("%s: %s (%d): %s", dataset.root, kind.replace("_", " "), len(names),
+                       ", ".join(names))
     logger.info("loaded %s dataset %s: %d subject(s), %d problem(s)", dataset.layout,
                 dataset.root, len(dataset.subjects), len(dataset.problems))
     return dataset

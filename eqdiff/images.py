@@ -185,10 +185,14 @@ def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE) -> LoadedI
                 raise ImageError(path, f"corrupt or truncated {source_format} data "
                                        f"({error})") from error
             source_mode, source_size = opened.mode, opened.size
+    except ImageError:
+        raise
     except UnidentifiedImageError as error:
         raise ImageError(path, "not an image (no known image format in the file)") from error
     except Image.DecompressionBombError as error:
         raise ImageError(path, f"image too large ({error})") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # the header is already broken
+        raise ImageError(path, f"corrupt or truncated image header ({error})") from error
     try:
         rgb, alpha, conversion = to_rgb(upright)
     except ValueError as error:

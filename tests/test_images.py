@@ -56,13 +56,15 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
                          "not an image"),
         "truncated JPEG": (_write(tmp / "cut.jpg", jpeg[: len(jpeg) // 2]), "truncated"),
         "truncated PNG": (_write(tmp / "cut.png", png[: len(png) // 2]), "truncated"),
+        "JPEG cut inside its header": (_write(tmp / "stub.jpg", jpeg[:300]), "truncated"),
         "corrupt PNG data": (_write(tmp / "garbled.png", corrupt_png), "corrupt"),
         "too small": (_write(tmp / "tiny.png", _encoded(_noise(20, 40), "PNG")), "too small"),
     }
 
 
 @pytest.mark.parametrize("case", ["zero-byte", "text named .jpg", "random bytes",
-                                  "truncated JPEG", "truncated PNG", "corrupt PNG data",
+                                  "truncated JPEG", "truncated PNG",
+                                  "JPEG cut inside its header", "corrupt PNG data",
                                   "too small"])
 def test_bad_images_raise_a_clear_error_naming_the_file(tmp_path: Path, case: str) -> None:
     path, reason = _bad_files(tmp_path)[case]
@@ -73,6 +75,7 @@ def test_bad_images_raise_a_clear_error_naming_the_file(tmp_path: Path, case: st
     assert error.path == path
     assert path.name in str(error)
     assert reason in error.reason
+    assert error.reason.count(path.name) == 0  # the reason is not wrapped twice
 
 
 def test_missing_file_is_an_image_error(tmp_path: Path) -> None:
