@@ -31,6 +31,20 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from eqdiff.evaluation import rebuild_report
+    from eqdiff.storage import open_store
+
+    out = Path(args.out or Path("artifacts") / "reports" / args.run_id)
+    page = rebuild_report(open_store(args.store), args.run_id, out)
+    logger.info("report: %s (also stored under runs/%s/report/)", page.resolve(), args.run_id)
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqdiff",
@@ -50,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30, help="training steps per concept")
     demo.add_argument("--run-id", default="demo", help="name of the run in the store")
     demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build a run's evaluation report from its stored scores",
+        description="Reads runs/RUN/scores/*/*/scores.parquet and run.json from the store, "
+                    "recomputes nothing, writes the report to --out and to runs/RUN/report/.")
+    report.add_argument("--store", default="./artifacts",
+                        help="artifact store URL: a folder, file:///… or s3://bucket/prefix")
+    report.add_argument("--run-id", required=True, help="name of the run in the store")
+    report.add_argument("--out", default="", help="local folder for the report files "
+                                                  "(default artifacts/reports/RUN)")
+    report.add_argument("--open", action="store_true", help="open report.html in a browser")
+    report.set_defaults(handler=_report)
 
     zoo = commands.add_parser("zoo", help="build the tiny offline models into a folder")
     zoo.add_argument("folder", nargs="?", default="artifacts/zoo")
