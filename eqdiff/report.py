@@ -204,7 +204,10 @@ def _html_table(frame: pd.DataFrame, columns: Mapping[str, str], *, css: str = "
         reason = str(row.get(reason_column, "")) if reason_column else ""
         for column in columns:
             value = row[column]
-            if isinstance(value, float) and pd.isna(value):
+            if column == "clip_t" and row.get("method") == REAL_IMAGES:
+                cells.append('<td class="na" title="no prompt: real images have no CLIP-T">'
+                             "n/a</td>")
+            elif isinstance(value, float) and pd.isna(value):
                 tip = f' title="{html.escape(reason)}"' if reason else ""
                 cells.append(f'<td class="missing"{tip}>{MISSING}</td>')
             elif column in maxima and value == maxima[column] and row.get("method") != REAL_IMAGES:
@@ -224,10 +227,18 @@ def _markdown(frame: pd.DataFrame, columns: Mapping[str, str]) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
-SUMMARY_COLUMNS = {"method": "method", "n_scored": "subjects scored", "n_subjects": "of",
-                   "n_images": "images", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+SUMMARY_COLUMNS = {"method": "method", "subjects": "subjects scored", "n_images": "images",
+                   "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 PUBLISHED_COLUMNS = {"method": "method", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T",
                      "source": "source"}
+
+
+def _with_subject_counts(methods: pd.DataFrame) -> pd.DataFrame:
+    """``methods`` with a ``subjects`` column reading "scored / all"."""
+    return methods.assign(subjects=[f"{s} / {n}" for s, n in
+                                    zip(methods["n_scored"], methods["n_subjects"], strict=True)])
+
+
 SUBJECT_COLUMNS = {"subject": "subject", "class": "class", "kind": "kind", "method": "method",
                    "n_images": "images", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T",
                    "reason": "reason if missing"}
@@ -324,8 +335,8 @@ def _cell(load_image: ImageLoader, key: str, tip: str, size: int) -> str:
 
 def grids_html(scores: pd.DataFrame, subjects: pd.DataFrame, load_image: ImageLoader | None, *,
                thumb_px: int = 96) -> str:
-    """Per subject, a methods × prompts grid of thumbnails (the lowest seed of each prompt),
-    with a row of the real images first; failed methods show their reason."""
+    """Per subject, its real images, then a methods × prompts grid of thumbnails (the lowest
+    seed of each prompt); failed methods show their reason."""
     if load_image is None:
         return "<p>No image loader was given: grids omitted.</p>"
     parts = []
@@ -338,10 +349,10 @@ def grids_html(scores: pd.DataFrame, subjects: pd.DataFrame, load_image: ImageLo
                        for i, p in zip(prompts["prompt_index"], prompts["prompt"], strict=True))
         lines = []
         real = rows[rows["method"] == REAL_IMAGES]
-        if len(real):
-            cells = "".join(_cell(load_image, k, "real image", thumb_px)
-                            for k in real["image_key"])
-            lines.append(f'<tr class="bound"><th>real images</th>{cells}</tr>')
+        strip = "".join(f"<table><tr>{_cell(load_image, k, 'real image', thumb_px)}</tr></table>"
+                        for k in real["image_key"])
+        references = (f'<div class="refs"><span>real images</span>{strip}</div>' if len(real)
+                      else "")
         for _, info in subjects[(subjects["subject"] == subject)
                                 & (subjects["method"] != REAL_IMAGES)].iterrows():
             method = info["method"]
@@ -366,8 +377,8 @@ def grids_html(scores: pd.DataFrame, subjects: pd.DataFrame, load_image: ImageLo
         info = subjects[subjects["subject"] == subject].iloc[0]
         parts.append(f'<h3 id="grid-{html.escape(subject)}">{html.escape(subject)} '
                      f'<small>({html.escape(info["class"])}, {html.escape(info["kind"])})'
-                     f'</small></h3><div class="scroll"><table class="grid"><thead><tr><th></th>'
-                     f"{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>")
+                     f'</small></h3>{references}<div class="scroll"><table class="grid">'
+                     f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>")
     return "".join(parts)
 
 
@@ -390,6 +401,7 @@ thead th{background:#f4f4f6}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.best{font-weight:700}
 td.missing{color:#b00020;text-align:center;background:#fdecee}
+td.na{color:#999;text-align:center}
 tr.bound td,tr.bound th{color:#666;font-style:italic}
 table.published{color:#555;background:#fafafa}
 table.published caption,.note{font-size:12px;color:#8a5a00;text-align:left}
@@ -400,6 +412,9 @@ img{display:block}
 .scroll{overflow-x:auto;border:1px solid #eee}
 table.grid td,table.grid th{padding:2px;vertical-align:top}
 table.grid th.prompt{font-size:10px;font-weight:400;width:96px;max-width:96px;min-width:96px}
+.refs{display:flex;gap:4px;align-items:center;margin:4px 0}
+.refs span{font-style:italic;color:#666;font-size:13px;width:120px}
+.refs table{margin:0}
 td.noimg{font-size:10px;color:#999;width:96px;text-align:center}
 dl.prov{display:grid;grid-template-columns:max-content auto;gap:4px 16px;font-size:13px}
 dl.prov dt{font-weight:600}dl.prov dd{margin:0}
@@ -451,7 +466,7 @@ def render_html(*, title: str, methods: pd.DataFrame, subjects: pd.DataFrame,
     sections = [
         '<div class="side">',
         '<section id="summary"><h2>Results <span class="label ours">this run</span></h2>',
-        _html_table(methods, SUMMARY_COLUMNS, css="summary", best=METRICS),
+        _html_table(_with_subject_counts(methods), SUMMARY_COLUMNS, css="summary", best=METRICS),
         '<p class="note">Bold: best of our methods. "subjects scored" counts subjects with '
         'every score; failed ones are listed under Failures, never averaged as zeros.</p>'
         "</section>",
@@ -491,7 +506,7 @@ def render_markdown(*, title: str, methods: pd.DataFrame, classes: pd.DataFrame,
                     provenance: Mapping[str, Any]) -> str:
     """``summary.md``: our table, the published one (labelled), per class, failures."""
     lines = [f"# {title}", "", "## Results (this run)", "",
-             _markdown(methods, SUMMARY_COLUMNS), "",
+             _markdown(_with_subject_counts(methods), SUMMARY_COLUMNS), "",
              "## Published numbers (others' runs)", "", f"> {published_note}", "",
              _markdown(published, PUBLISHED_COLUMNS), "", "## Per class", "",
              _markdown(classes, {"method": "method", "class": "class",
