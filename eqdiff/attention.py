@@ -146,7 +146,8 @@ def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
     return names
 
 
-def _attention_modules(unet: UNet2DConditionModel) -> dict[str, Attention]:
+def attention_modules(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """This UNet's attention modules by processor name (``…attn1.processor``)."""
     return {f"{name}.processor": module for name, module in unet.named_modules()
             if isinstance(module, Attention)}
 
@@ -154,7 +155,7 @@ def _attention_modules(unet: UNet2DConditionModel) -> dict[str, Attention]:
 def install_custom_kv(unet: UNet2DConditionModel, *, train_kv: bool,
                       capture: CrossAttentionCapture | None = None) -> ProcessorHandle:
     """Install :class:`CustomKVProcessor` on every cross-attention layer of this UNet."""
-    modules = _attention_modules(unet)
+    modules = attention_modules(unet)
     current = dict(unet.attn_processors)
     names = cross_attention_names(unet)
     handle = ProcessorHandle(unet, {name: current[name] for name in names})

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from eqdiff.attention import KV_PREFIX, WeightHandle, write_kv_weights
 from eqdiff.embeddings import TOKEN_PREFIX, write_token_row
 from eqdiff.models import model_identity
+from eqdiff.reference import RRA_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ TENSORS_FILE = "concept.safetensors"
 RECORD_FILE = "concept.json"
 FORMAT = "eqdiff-concept"
 FORMAT_VERSION = 1
-RRA_PREFIX = "eqdiff_rra."
 KNOWN_PREFIXES = (TOKEN_PREFIX, KV_PREFIX, RRA_PREFIX)
 
 
@@ -151,10 +151,20 @@ def apply_concept(pipeline: Any, concept: Concept, *, base_model: str) -> Concep
     cross-attention projections. RRA tensors need the project's sampler (which installs the
     RRA processors and the reference pass); a plain pipeline refuses them clearly.
     """
-    check_base_model(concept, base_model)
     if concept.tensors_with_prefix(RRA_PREFIX):
+        check_base_model(concept, base_model)  # a concept for another model says so first
         raise ConceptError("this concept has residual-reference-attention tensors; generate "
-                           "with eqdiff's sampler, which installs RRA and the reference pass")
+                           "with eqdiff.sampling.ConceptGenerator, which installs RRA and the "
+                           "reference pass")
+    return apply_token_and_kv(pipeline, concept, base_model=base_model)
+
+
+def apply_token_and_kv(pipeline: Any, concept: Concept, *, base_model: str) -> ConceptHandle:
+    """The part of a concept a plain pipeline holds: token row and K/V weights.
+
+    RRA tensors are left alone here; the sampler installs them with the reference pass.
+    """
+    check_base_model(concept, base_model)
     token_id = write_token_row(pipeline.tokenizer, pipeline.text_encoder,
                                concept.placeholder_token, concept.token_vector)
     kv = write_kv_weights(pipeline.unet, concept.tensors_with_prefix(KV_PREFIX))

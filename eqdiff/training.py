@@ -83,7 +83,10 @@ class ConceptData:
 
 @dataclass
 class StepBatch:
-    """One step's draws, shared with extensions (RRA reads indices, timesteps and noise)."""
+    """One step's draws, shared with extensions (RRA reads indices, timesteps and noise).
+
+    Rows are the Bi instance samples, then the Bp prior (class) samples.
+    """
 
     step: int
     instance_indices: Tensor  # (Bi,) long
@@ -94,12 +97,22 @@ class StepBatch:
     latent_masks: Tensor  # (Bi, 1, h, w)
     encoder_states: Tensor  # (Bi + Bp, L, D)
     instance_count: int
+    prior_indices: Tensor  # (Bp,) long: which class image each prior row shows
 
 
 class TrainingExtension(Protocol):
-    """A UNet extension trained with the concept (RRA implements this)."""
+    """A UNet extension trained with the concept (RRA implements this).
+
+    ``install`` runs once the trainer has loaded the model onto its device and encoded the
+    data (``trainer.instance_latents``, ``trainer.pixel_masks``, …); ``remove`` undoes it when
+    the run ends.
+    """
 
     prefix: str
+
+    def install(self, trainer: ConceptTrainer, data: ConceptData) -> None: ...
+
+    def remove(self) -> None: ...
 
     def parameters(self) -> list[nn.Parameter]: ...
 
@@ -176,6 +189,8 @@ class ConceptTrainer:
         self._handles: list[EmbeddingHandle | ProcessorHandle] = []
         self._install(data)
         self._precompute(data)
+        for extension in self.extensions:
+            extension.install(self, data)
         params = self.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             params, lr=config.train.learning_rate,
@@ -211,8 +226,11 @@ class ConceptTrainer:
         return params
 
     @torch.no_grad()
-    def _encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """VAE latent mean and std (scaled by the VAE's scaling factor), encoded in chunks."""
+    def encode_distribution(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """VAE latent mean and std (scaled by the VAE's scaling factor), encoded in chunks.
+
+        images: (N, 3, H, W) in [-1, 1] → two (N, C, h, w) float32 tensors on the device.
+        """
         vae = self.components.vae
         means, stds = [], []
         for chunk in images.split(8):
@@ -231,7 +249,7 @@ class ConceptTrainer:
         if self.method.fdte:  # band images are fixed per concept image: filter once
             versions[Band.LOW] = frequency_band(images, Band.LOW, fcfg)
             versions[Band.HIGH] = frequency_band(images, Band.HIGH, fcfg)
-        self.instance_latents = {band: self._encode_distribution(v)
+        self.instance_latents = {band: self.encode_distribution(v)
                                  for band, v in versions.items()}
         latent_side = self.instance_latents[Band.FULL][0].shape[-1]
         mcfg = self.config.masks
@@ -243,7 +261,7 @@ class ConceptTrainer:
         use_prior = (self.method.prior_preservation and self.config.train.prior_batch > 0
                      and data.prior_images.shape[0] > 0)
         self.prior_batch = self.config.train.prior_batch if use_prior else 0
-        self.prior_latents = (self._encode_distribution(data.prior_images) if use_prior
+        self.prior_latents = (self.encode_distribution(data.prior_images) if use_prior
                               else None)
         tokenize = c.tokenizer
         prompt = INSTANCE_PROMPT.format(token=self.config.train.placeholder_token,
@@ -280,6 +298,7 @@ class ConceptTrainer:
         per_band = [self._draw_latents(self.instance_latents[b], indices[i:i + 1])
                     for i, b in enumerate(bands)]
         latents = torch.cat(per_band)
+        prior_indices = torch.empty(0, dtype=torch.long)
         if bp:
             prior_indices = torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen)
             latents = torch.cat([latents, self._draw_latents(self.prior_latents, prior_indices)])
@@ -297,7 +316,8 @@ class ConceptTrainer:
         noisy = torch.cat([noisy_inst, scheduler.add_noise(latents[bi:], noise[bi:],
                                                            timesteps[bi:])])
         return StepBatch(self.step, instance_indices, bands, timesteps, noise, noisy, masks,
-                         encoder_states=torch.empty(0), instance_count=bi)
+                         encoder_states=torch.empty(0), instance_count=bi,
+                         prior_indices=prior_indices.to(self.device))
 
     def _targets(self, batch: StepBatch) -> Tensor:
         scheduler = self.components.noise_scheduler
@@ -392,6 +412,8 @@ class ConceptTrainer:
 
     def remove(self) -> None:
         """Uninstall hooks and processors: the base model is as it was loaded (plus the token)."""
+        for extension in reversed(self.extensions):
+            extension.remove()
         for handle in reversed(self._handles):
             handle.remove()
         self._handles = []
@@ -454,10 +476,14 @@ class ProgressBar(TrainingCallback):
 def train_concept(components: SDComponents, data: ConceptData, config: RunConfig,
                   method: MethodConfig, *, device: torch.device | str = "cpu",
                   checkpoint_dir: str | Path | None = None,
+                  checkpointer: Checkpointer | None = None,
                   callbacks: Sequence[TrainingCallback] = (),
                   extensions: Sequence[TrainingExtension] = (),
                   stop_after: int | None = None) -> TrainedConcept:
     """Train one concept; resume from ``checkpoint_dir`` when it holds a checkpoint.
+
+    ``checkpointer`` replaces the default file checkpointer of ``checkpoint_dir`` (e.g. one
+    that also keeps the file in the artifact store).
 
     ``components`` are modified in place (token added, processors installed, then removed):
     load a fresh copy per concept. ``stop_after`` ends the run early after that many steps in
@@ -470,9 +496,9 @@ def train_concept(components: SDComponents, data: ConceptData, config: RunConfig
     trainer = ConceptTrainer(components, data, config, method, device=device,
                              extensions=extensions)
     callbacks = list(callbacks)
-    checkpointer = None
-    if checkpoint_dir is not None:
+    if checkpointer is None and checkpoint_dir is not None:
         checkpointer = Checkpointer(checkpoint_dir, config.train.checkpoint_every)
+    if checkpointer is not None:
         checkpointer.restore(trainer)
         callbacks.append(checkpointer)
     start = trainer.step

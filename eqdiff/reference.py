@@ -1,0 +1,475 @@
+"""Residual reference attention, RRA (METHOD.md §5, loss §6).
+
+Three pieces, each an explicit object with a lifecycle — no globals, nothing stuck onto
+library modules:
+
+- :class:`ReferenceBank` — the self-attention inputs (norm1 outputs) of a frozen reference
+  UNet, keyed by processor name. The reference pass fills it, the main pass reads it, its
+  owner clears it after every step (training: ``after_step``; sampling: every denoising step).
+- :class:`ReferenceWriter` — the processor installed on the reference UNet's self-attention
+  layers of the configured blocks: it writes its input into the bank, then attends as before.
+- :class:`RRAProcessor` — the processor installed on the *trained* UNet's same layers:
+  frozen self-attention plus a reference branch with trainable K/V (initialised from the
+  layer's own) and a zero-initialised output projection producing the residual and a gate.
+
+:class:`RRAExtension` plugs all of it into :func:`eqdiff.training.train_concept`. RRA tensors
+carry the ``eqdiff_rra.`` prefix in concept files (``eqdiff_rra.<layer>.to_k.weight``, …).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import Tensor, nn
+
+from eqdiff.attention import ProcessorHandle, attention_modules
+from eqdiff.config import MethodConfig, RRABlock, RRAConfig
+from eqdiff.frequency import Band
+from eqdiff.losses import rra_attention_loss
+
+if TYPE_CHECKING:
+    from eqdiff.training import ConceptData, ConceptTrainer, StepBatch
+
+logger = logging.getLogger(__name__)
+
+RRA_PREFIX = "eqdiff_rra."
+BLOCK_PREFIXES: dict[str, str] = {"down": "down_blocks.", "mid": "mid_block.",
+                                  "up": "up_blocks."}
+SELF_ATTENTION_SUFFIX = "attn1.processor"
+# The RRA loss reads the reference attention of layers whose query grid side is at most this
+# (SD-1.x at 512 px: the mid block, 8×8, and up_blocks.1, 16×16 — four layers, cheap to hold
+# as explicit probabilities; 32×32 and 64×64 maps would cost up to GBs per step).
+DEFAULT_LOSS_RESOLUTION = 16
+
+
+class ReferenceBank:
+    """Reference self-attention inputs by processor name, for one step.
+
+    Entries are ``(Br, N, C)`` tensors (the reference UNet's norm1 output at that layer). ``Br``
+    is the reference batch: equal to the main batch in training (one reference per row), 1 at
+    inference (one reference for every image and both CFG branches; readers broadcast it).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Tensor] = {}
+
+    def write(self, name: str, hidden_states: Tensor) -> None:
+        if name in self._entries:
+            raise RuntimeError(f"reference bank already holds {name!r}: clear it after each step")
+        self._entries[name] = hidden_states
+
+    def read(self, name: str) -> Tensor:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RuntimeError(f"reference bank has no entry for {name!r} (it holds "
+                               f"{len(self._entries)}); run the reference pass before the main "
+                               "UNet, on the same layers") from None
+
+    def clear(self) -> None:
+        self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+
+class ReferenceAttentionCapture:
+    """RRA attention probabilities of one main-UNet forward, for the RRA loss (§6).
+
+    Layers whose query grid side is at most ``max_side`` record explicit probabilities while
+    the capture is active (between :meth:`begin` and :meth:`clear`); the others keep SDPA.
+    """
+
+    def __init__(self, max_side: int = DEFAULT_LOSS_RESOLUTION) -> None:
+        self.max_side = max_side
+        self.active = False
+        self._probs: dict[str, Tensor] = {}
+
+    def begin(self) -> None:
+        self.active = True
+        self._probs = {}
+
+    def wants(self, num_queries: int) -> bool:
+        return self.active and math.isqrt(num_queries) <= self.max_side
+
+    def record(self, name: str, probs: Tensor) -> None:
+        """probs: (B, heads, Nq, Nk) softmax probabilities of one layer's reference branch."""
+        self._probs[name] = probs
+
+    def probabilities(self) -> dict[str, Tensor]:
+        return dict(self._probs)
+
+    def clear(self) -> None:
+        self.active = False
+        self._probs = {}
+
+
+class ReferenceWriter:
+    """Reference-UNet processor: writes its input into the bank, then runs ``inner`` unchanged."""
+
+    def __init__(self, name: str, bank: ReferenceBank, inner: object) -> None:
+        self.name, self.bank, self.inner = name, bank, inner
+
+    def __call__(self, attn: Attention, hidden_states: Tensor,
+                 encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None,
+                 **kwargs: object) -> Tensor:
+        self.bank.write(self.name, hidden_states)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                          **kwargs)
+
+
+def unit_clamp(gate: Tensor) -> Tensor:
+    """``clamp(gate, 0, 1)`` whose gradient is 1 on the closed interval [0, 1].
+
+    torch's clamp has zero gradient *at* the bounds, and the RRA gate starts at exactly 0
+    (zero-initialised projection), so with it the gate and the residual branch would never
+    receive a gradient. Values are identical to ``clamp``.
+    """
+    inside = (gate >= 0) & (gate <= 1)
+    return torch.where(inside, gate, gate.detach().clamp(0, 1))
+
+
+def _heads(tensor: Tensor, heads: int) -> Tensor:
+    """(B, N, heads·d) → (B, heads, N, d)."""
+    return tensor.reshape(tensor.shape[0], -1, heads, tensor.shape[-1] // heads).transpose(1, 2)
+
+
+def _merge_heads(tensor: Tensor) -> Tensor:
+    """(B, heads, N, d) → (B, N, heads·d)."""
+    batch, heads, length, dim = tensor.shape
+    return tensor.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def _broadcast_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
+    """Expand a reference batch of 1 to ``batch`` rows (a view, no copy)."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    raise ValueError(f"{name}: the reference batch ({tensor.shape[0]}) must be 1 or the main "
+                     f"batch ({batch})")
+
+
+class RRAProcessor(nn.Module):
+    """Self-attention with a residual reference branch (METHOD.md §5), per layer.
+
+    With ``h`` the layer input (B, N, C) and ``r`` the bank entry (Br, Nr, C)::
+
+        A_self = MHA(W_q h, W_k h, W_v h)          O_self = W_o A_self   (frozen)
+        A_ref  = MHA(W_q h, W'_k r, W'_v r)        (W'_k, W'_v trainable, init W_k, W_v)
+        [O_ref | m] = W'_o [A_ref ; A_self] + b'_o  (W'_o: 2·inner → C + 1, zero init)
+        out = (1 - clamp(m, 0, 1)) · O_self + clamp(m, 0, 1) · O_ref
+
+    With the zero initialisation ``m = 0`` and ``O_ref = 0``, so the output equals the plain
+    layer's exactly. The clamp passes gradient on [0, 1] inclusive (:func:`unit_clamp`).
+    Trainable tensors are float32 (training runs under autocast); cast the module to the
+    UNet's dtype for inference without autocast.
+    """
+
+    def __init__(self, attn: Attention, name: str, bank: ReferenceBank,
+                 capture: ReferenceAttentionCapture | None = None) -> None:
+        super().__init__()
+        self.name, self.bank, self.capture = name, bank, capture
+        self.to_k = copy.deepcopy(attn.to_k).float().requires_grad_(True)
+        self.to_v = copy.deepcopy(attn.to_v).float().requires_grad_(True)
+        inner, channels = attn.to_v.out_features, attn.to_out[0].out_features
+        self.to_out = nn.Linear(2 * inner, channels + 1, device=attn.to_q.weight.device)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, attn: Attention, hidden_states: Tensor,
+                encoder_hidden_states: Tensor | None = None,
+                attention_mask: Tensor | None = None, temb: Tensor | None = None,
+                **_: object) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.name}: RRA is for plain self-attention (no encoder states, "
+                             "no attention mask)")
+        batch, length, _ = hidden_states.shape
+        heads = attn.heads
+        query = _heads(attn.to_q(hidden_states), heads)
+        key = _heads(attn.to_k(hidden_states), heads)
+        value = _heads(attn.to_v(hidden_states), heads)
+        a_self = _merge_heads(F.scaled_dot_product_attention(query, key, value)).to(query.dtype)
+        o_self = attn.to_out[1](attn.to_out[0](a_self))
+
+        reference = self.bank.read(self.name)  # projected before broadcasting: Br rows of work
+        ref_key = _broadcast_rows(_heads(self.to_k(reference), heads), batch, self.name)
+        ref_value = _broadcast_rows(_heads(self.to_v(reference), heads), batch, self.name)
+        if self.capture is not None and self.capture.wants(length):
+            scores = (query @ ref_key.transpose(-1, -2).to(query.dtype)).float() * attn.scale
+            probs = scores.softmax(dim=-1)
+            self.capture.record(self.name, probs)
+            a_ref = probs.to(ref_value.dtype) @ ref_value
+        else:
+            a_ref = F.scaled_dot_product_attention(query, ref_key.to(query.dtype),
+                                                   ref_value.to(query.dtype))
+        mixed = self.to_out(torch.cat([_merge_heads(a_ref).to(a_self.dtype), a_self], dim=-1))
+        o_ref, gate = mixed[..., :-1], unit_clamp(mixed[..., -1:])
+        return (1 - gate) * o_self + gate * o_ref
+
+
+def rra_layer_names(unet: UNet2DConditionModel, blocks: Iterable[RRABlock]) -> list[str]:
+    """Processor names of the self-attention layers in ``blocks`` (SD-1.x mid + up: 10)."""
+    prefixes = tuple(BLOCK_PREFIXES[block] for block in blocks)
+    names = [name for name in unet.attn_processors
+             if name.endswith(SELF_ATTENTION_SUFFIX) and name.startswith(prefixes)]
+    if not names:
+        raise ValueError(f"this UNet has no self-attention layers in blocks {tuple(blocks)}")
+    return names
+
+
+def _check_plain_self_attention(name: str, attn: Attention) -> None:
+    if (attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
+            or attn.residual_connection or attn.rescale_output_factor != 1.0):
+        raise ValueError(f"{name}: RRA supports plain SD-1.x self-attention only (no spatial/"
+                         "group/QK norm, no residual connection, no output rescaling)")
+
+
+def install_reference_writers(unet: UNet2DConditionModel, bank: ReferenceBank,
+                              names: Iterable[str]) -> ProcessorHandle:
+    """Install :class:`ReferenceWriter` on layers ``names`` of the reference UNet."""
+    current = dict(unet.attn_processors)
+    names = list(names)
+    unknown = sorted(set(names) - set(current))
+    if unknown:
+        raise ValueError(f"the reference UNet has no layers {unknown[:3]}")
+    handle = ProcessorHandle(unet, {name: current[name] for name in names})
+    for name in names:
+        current[name] = ReferenceWriter(name, bank, current[name])
+    unet.set_attn_processor(current)
+    return handle
+
+
+def install_rra(unet: UNet2DConditionModel, bank: ReferenceBank, names: Iterable[str], *,
+                capture: ReferenceAttentionCapture | None = None) -> ProcessorHandle:
+    """Install a fresh (zero-initialised) :class:`RRAProcessor` on each layer in ``names``."""
+    modules = attention_modules(unet)
+    current = dict(unet.attn_processors)
+    names = list(names)
+    unknown = sorted(set(names) - set(modules))
+    if unknown:
+        raise ValueError(f"this UNet has no attention layers {unknown[:3]}; was the concept "
+                         "trained on another base model?")
+    handle = ProcessorHandle(unet, {name: current[name] for name in names})
+    for name in names:
+        _check_plain_self_attention(name, modules[name])
+        processor = RRAProcessor(modules[name], name, bank, capture)
+        current[name] = processor
+        handle.installed[name] = processor
+    unet.set_attn_processor(current)
+    return handle
+
+
+def rra_parameters(handle: ProcessorHandle) -> list[nn.Parameter]:
+    return [p for processor in handle.installed.values() for p in processor.parameters()]
+
+
+def rra_learned_tensors(handle: ProcessorHandle) -> dict[str, Tensor]:
+    """RRA weights by concept-file name (``eqdiff_rra.<layer>.to_out.weight``, …)."""
+    return {f"{RRA_PREFIX}{name.removesuffix('.processor')}.{pname}": param.detach().clone()
+            for name, processor in handle.installed.items()
+            for pname, param in processor.named_parameters()}
+
+
+def rra_layers_of(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Processor names of the layers that ``tensors`` (a concept's) hold RRA weights for."""
+    layers = {key.removeprefix(RRA_PREFIX).rsplit(".", 2)[0] for key in tensors
+              if key.startswith(RRA_PREFIX)}
+    return sorted(f"{layer}.processor" for layer in layers)
+
+
+def load_rra_tensors(handle: ProcessorHandle, tensors: Mapping[str, Tensor]) -> None:
+    """Copy saved RRA weights into the processors of ``handle`` (names and shapes must match)."""
+    expected = rra_learned_tensors(handle)
+    given = {k for k in tensors if k.startswith(RRA_PREFIX)}
+    if given != set(expected):
+        missing, extra = sorted(set(expected) - given)[:3], sorted(given - set(expected))[:3]
+        raise ValueError(f"RRA tensors do not match these layers: missing {missing}, "
+                         f"unexpected {extra}")
+    for key, current in expected.items():
+        if tensors[key].shape != current.shape:
+            raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} does not match the "
+                             f"layer's {tuple(current.shape)}")
+    with torch.no_grad():
+        for name, processor in handle.installed.items():
+            layer = name.removesuffix(".processor")
+            for pname, param in processor.named_parameters():
+                param.copy_(tensors[f"{RRA_PREFIX}{layer}.{pname}"])
+
+
+def frozen_reference_unet(unet: UNet2DConditionModel, *,
+                          share_weights: bool = True) -> UNet2DConditionModel:
+    """A frozen, eval-mode copy of ``unet`` with plain attention processors everywhere.
+
+    ``share_weights`` (default): parameters and buffers are the *same* tensors as ``unet``'s
+    (no extra memory; SD-1.5 would otherwise add 3.4 GB in fp32) except the cross-attention
+    K/V projections, which are private clones (≈ 19 M parameters in SD-1.5): at inference a
+    concept's K/V are written into the base UNet's weights, and the reference must keep
+    seeing the base model's. The base weights are frozen in training (every trainable tensor
+    lives in a processor), so sharing is read-only. Move it together with ``unet``.
+    """
+    memo: dict[int, object] = {}
+    if share_weights:
+        private = {id(p) for name, p in unet.named_parameters()
+                   if ".attn2.to_k." in name or ".attn2.to_v." in name}
+        memo = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())
+                if id(t) not in private}
+    reference = copy.deepcopy(unet, memo)
+    reference.set_attn_processor(AttnProcessor2_0())  # drops any copied custom processors
+    return reference.requires_grad_(False).eval()
+
+
+def reference_indices(instance_indices: Tensor, count: int, *, step: int, seed: int,
+                      choice: str) -> Tensor:
+    """Per instance row, the index of its training reference photo. Returns (Bi,) long.
+
+    ``"same"``: the row's own photo. ``"other"``: another photo of the subject,
+    ``(i + o) mod N`` with ``o`` uniform in [1, N-1], drawn from a generator seeded by
+    (seed, step) — stateless, so a resumed run draws the same references without any state
+    in the checkpoint. With a single photo, ``"other"`` falls back to that photo.
+    """
+    if choice == "same" or count == 1:
+        return instance_indices.clone()
+    digest = hashlib.sha256(f"rra-reference/{seed}/{step}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    offsets = torch.randint(1, count, instance_indices.shape, generator=generator)
+    return (instance_indices + offsets.to(instance_indices.device)) % count
+
+
+def augment_prior_images(images: Tensor) -> Tensor:
+    """The reference for a class (prior) image: flipped left-right, centre 7/8 crop resized
+    back (bilinear, antialiased). images: (M, 3, H, W) float in [-1, 1] → same shape."""
+    side_h, side_w = images.shape[-2:]
+    crop_h, crop_w = side_h * 7 // 8, side_w * 7 // 8
+    top, left = (side_h - crop_h) // 2, (side_w - crop_w) // 2
+    cropped = images.flip(-1)[..., top:top + crop_h, left:left + crop_w]
+    return F.interpolate(cropped, size=(side_h, side_w), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(-1, 1)
+
+
+class RRAExtension:
+    """RRA for :func:`eqdiff.training.train_concept` (the ``TrainingExtension`` seam).
+
+    Per step: each instance row's reference is another photo of the subject
+    (:func:`reference_indices`), each prior row's an augmented copy of its class image
+    (:func:`augment_prior_images`); references are VAE latent means, noised with the row's ε at
+    ``max(t - gap, 0)`` and run through the frozen reference UNet (under ``no_grad``: the bank
+    is a constant for the step) with the row's own prompt states, filling the bank that the
+    trained UNet's RRA processors read. With ``method.rra_loss`` the RRA attention loss
+    (``"rra"``) is the mean of :func:`eqdiff.losses.rra_attention_loss` over the layers whose
+    query grid side is at most ``loss_resolution``, on instance rows (target: the row's mask;
+    reference: its reference photo's mask).
+    """
+
+    prefix = RRA_PREFIX
+
+    def __init__(self, config: RRAConfig, method: MethodConfig, *,
+                 loss_resolution: int = DEFAULT_LOSS_RESOLUTION,
+                 share_weights: bool = True) -> None:
+        if not method.rra:
+            raise ValueError(f"method {method.name!r} has rra=False; do not pass RRAExtension")
+        self.config, self.method = config, method
+        self.loss_resolution = loss_resolution
+        self.share_weights = share_weights
+        self.bank = ReferenceBank()
+        self.capture = (ReferenceAttentionCapture(loss_resolution) if method.rra_loss
+                        else None)
+        self.handle: ProcessorHandle | None = None
+        self.reference_unet: UNet2DConditionModel | None = None
+        self.scheduler: DDPMScheduler | None = None
+        self.seed = 0
+        self.instance_references = self.masks = torch.empty(0)  # (N, C, h, w), (N, 1, H, W)
+        self.prior_references = torch.empty(0)  # (M, C, h, w) latents of augmented class images
+        self._reference_rows = torch.empty(0, dtype=torch.long)  # (Bi,) this step's references
+
+    def install(self, trainer: ConceptTrainer, data: ConceptData) -> None:
+        """Copy the reference UNet, install RRA on the trained UNet, encode the references."""
+        unet = trainer.components.unet
+        names = rra_layer_names(unet, self.config.blocks)
+        self.reference_unet = frozen_reference_unet(unet, share_weights=self.share_weights)
+        install_reference_writers(self.reference_unet, self.bank, names)
+        self.handle = install_rra(unet, self.bank, names, capture=self.capture)
+        self.scheduler = trainer.components.noise_scheduler
+        self.seed = trainer.config.train.seed
+        self.instance_references = trainer.instance_latents[Band.FULL][0]  # latent means
+        self.masks = trainer.pixel_masks
+        if trainer.prior_batch:
+            augmented = augment_prior_images(data.prior_images.to(trainer.device, torch.float32))
+            self.prior_references = trainer.encode_distribution(augmented)[0]
+        logger.info("RRA on %d layers (%s), weights %s", len(names), "+".join(self.config.blocks),
+                    "shared" if self.share_weights else "copied")
+
+    def parameters(self) -> list[nn.Parameter]:
+        assert self.handle is not None, "install() first"
+        return rra_parameters(self.handle)
+
+    @torch.no_grad()
+    def _reference_pass(self, batch: StepBatch) -> None:
+        rows = reference_indices(batch.instance_indices, self.instance_references.shape[0],
+                                 step=batch.step, seed=self.seed, choice=self.config.reference)
+        self._reference_rows = rows
+        latents = self.instance_references[rows]
+        if batch.prior_indices.numel():
+            latents = torch.cat([latents, self.prior_references[batch.prior_indices]])
+        timesteps = (batch.timesteps - self.config.timestep_gap).clamp_min(0)
+        noisy = self.scheduler.add_noise(latents, batch.noise, timesteps)
+        self.reference_unet(noisy, timesteps, batch.encoder_states.detach())
+
+    def before_unet(self, batch: StepBatch) -> None:
+        self.bank.clear()
+        self._reference_pass(batch)
+        if self.capture is not None:
+            self.capture.begin()
+
+    def loss_terms(self, batch: StepBatch) -> dict[str, Tensor]:
+        if self.capture is None:
+            return {}
+        probs = self.capture.probabilities()
+        if not probs:
+            raise RuntimeError(f"no RRA layer has a query grid of side <= "
+                               f"{self.loss_resolution}; raise loss_resolution")
+        bi = batch.instance_count
+        targets = self.masks[batch.instance_indices]
+        references = self.masks[self._reference_rows]
+        losses = [rra_attention_loss(p[:bi], targets, references) for p in probs.values()]
+        return {"rra": torch.stack(losses).mean()}
+
+    def after_step(self) -> None:
+        self.bank.clear()
+        if self.capture is not None:
+            self.capture.clear()
+
+    def learned_tensors(self) -> dict[str, Tensor]:
+        assert self.handle is not None, "install() first"
+        return rra_learned_tensors(self.handle)
+
+    def load_learned_tensors(self, tensors: dict[str, Tensor]) -> None:
+        assert self.handle is not None, "install() first"
+        load_rra_tensors(self.handle, tensors)
+
+    def remove(self) -> None:
+        """Put back the trained UNet's processors and drop the reference UNet and bank."""
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = None
+        self.reference_unet = None
+        self.bank.clear()
+
+
+def training_extensions(config: RRAConfig, method: MethodConfig) -> list[RRAExtension]:
+    """The extensions ``method`` needs in :func:`~eqdiff.training.train_concept`."""
+    return [RRAExtension(config, method)] if method.rra else []

@@ -1,0 +1,324 @@
+"""Generation for evaluation: one base model loaded once, many concepts (METHOD.md §5, §7).
+
+:class:`ConceptGenerator` holds one set of SD-1.x components and serves many
+``(concept, requests)`` calls. A concept is applied for one call (token row, K/V weights and,
+when it has them, RRA processors with the reference pass) and removed afterwards, so
+switching concepts never reloads the base model.
+
+The denoising loop is written here (it equals ``StableDiffusionPipeline.__call__`` for the
+same generators when no RRA is involved; a test holds it to that) because RRA needs a hook per
+step: the frozen reference UNet runs once per denoising step on one clean reference latent
+(VAE mean, not noised) at the current timestep with a plain class caption, and its bank serves
+every image of the batch and both CFG branches (broadcast, not copied).
+
+Seeds are derived per (subject, prompt index, k) by :func:`image_seed`, independent of the
+method, so methods are compared on identical initial noise. Noise is drawn with one CPU
+generator per image, so an image does not depend on how requests are batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from eqdiff.attention import ProcessorHandle
+from eqdiff.concept import Concept, ConceptHandle, apply_token_and_kv
+from eqdiff.config import RRAConfig, SampleConfig, SchedulerName
+from eqdiff.models import SDComponents, load_sd_components, model_identity
+from eqdiff.reference import (
+    RRA_PREFIX,
+    ReferenceBank,
+    frozen_reference_unet,
+    install_reference_writers,
+    install_rra,
+    load_rra_tensors,
+    rra_layers_of,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+# What StableDiffusionPipeline enforces on any SD-1.x scheduler config: latents are not in
+# [-1, 1] (no x0 clipping) and timesteps are offset by one.
+SD_SCHEDULER_FIXES = {"clip_sample": False, "steps_offset": 1}
+
+
+def make_scheduler(name: SchedulerName, base_config: Mapping[str, Any]) -> SchedulerMixin:
+    """A diffusers scheduler of kind ``name`` on the base model's noise schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(base_config, **SD_SCHEDULER_FIXES, **overrides)
+
+
+def image_seed(base_seed: int, subject: str, prompt_index: int, k: int) -> int:
+    """The seed of image ``k`` of prompt ``prompt_index`` for ``subject``: the first 63 bits of
+    sha256("{base_seed}/{subject}/{prompt_index}/{k}"). No method in it: every method sees the
+    same noise for the same image slot."""
+    digest = hashlib.sha256(f"{base_seed}/{subject}/{prompt_index}/{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to draw: its prompt, its seed, and its slot (prompt index, k) for the record."""
+
+    prompt: str
+    seed: int
+    prompt_index: int = 0
+    k: int = 0
+
+
+def plan_requests(subject: str, prompts: Sequence[str], images_per_prompt: int,
+                  base_seed: int) -> list[ImageRequest]:
+    """``images_per_prompt`` requests per prompt, seeded by :func:`image_seed`."""
+    return [ImageRequest(prompt, image_seed(base_seed, subject, i, k), i, k)
+            for i, prompt in enumerate(prompts) for k in range(images_per_prompt)]
+
+
+@dataclass
+class GeneratedImage:
+    """image: (3, H, W) float32 in [0, 1] on the CPU; record: what made it (JSON-ready)."""
+
+    image: Tensor
+    record: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        return save_png_with_metadata(self.image, path, self.record)
+
+
+def save_png_with_metadata(image: Tensor, path: str | Path,
+                           metadata: Mapping[str, Any]) -> Path:
+    """Write a (3, H, W) image in [0, 1] as an 8-bit PNG with one text chunk per metadata key
+    (strings as they are, other values as JSON) plus ``eqdiff`` holding all of it as JSON."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_text("eqdiff", json.dumps(dict(metadata), sort_keys=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.permute(1, 2, 0).numpy()).save(path, pnginfo=info)
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`save_png_with_metadata` wrote (from the ``eqdiff`` chunk)."""
+    with Image.open(path) as image:
+        return json.loads(image.text["eqdiff"])
+
+
+@dataclass
+class _ActiveConcept:
+    """A concept applied to the generator for one call, with what RRA needs per step."""
+
+    concept: Concept
+    weights: ConceptHandle
+    rra: ProcessorHandle | None = None
+    writers: ProcessorHandle | None = None
+    reference_latent: Tensor | None = None  # (1, C, h, w) clean VAE mean
+    reference_states: Tensor | None = None  # (1, L, D) caption states
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def remove(self) -> None:
+        for handle in (self.rra, self.writers, self.weights):
+            if handle is not None:
+                handle.remove()
+        self.rra = self.writers = self.reference_latent = self.reference_states = None
+
+
+class ConceptGenerator:
+    """One base model, many (concept, requests) calls: see the module docstring.
+
+    ``components`` are frozen and moved to ``device``/``dtype`` here; the generator owns them
+    from now on (concepts are written into them for the length of a call).
+    """
+
+    def __init__(self, components: SDComponents, sample: SampleConfig = SampleConfig(),
+                 rra: RRAConfig = RRAConfig(), *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        self.components = components.freeze().to(device, dtype)
+        self.sample, self.rra_config = sample, rra
+        self.device = torch.device(device)
+        self.dtype = components.unet.dtype
+        self.scheduler = make_scheduler(sample.scheduler, components.noise_scheduler.config)
+        self.base_identity = model_identity(components.source)
+        self.bank = ReferenceBank()
+        # made while the UNet holds the base K/V: it keeps private copies of them
+        self.reference_unet = frozen_reference_unet(components.unet)
+
+    @classmethod
+    def from_pretrained(cls, source: str, sample: SampleConfig = SampleConfig(),
+                        rra: RRAConfig = RRAConfig(), *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None,
+                        local_files_only: bool = False) -> ConceptGenerator:
+        components = load_sd_components(source, local_files_only=local_files_only,
+                                        torch_dtype=dtype)
+        return cls(components, sample, rra, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ concepts
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """(n, L, D) text states, as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+        tokenizer, encoder = self.components.tokenizer, self.components.text_encoder
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return encoder(ids.to(self.device))[0].to(encoder.dtype)
+
+    @torch.no_grad()
+    def _apply(self, concept: Concept, reference_image: Tensor | None) -> _ActiveConcept:
+        has_rra = bool(concept.tensors_with_prefix(RRA_PREFIX))
+        if has_rra and reference_image is None:
+            raise ValueError(f"concept {concept.content_hash} has RRA weights: pass the "
+                             "reference_image (3, H, W) in [-1, 1]")
+        c = self.components
+        active = _ActiveConcept(concept, apply_token_and_kv(c, concept,
+                                                            base_model=c.source))
+        try:
+            if has_rra:
+                names = rra_layers_of(concept.tensors)
+                active.rra = install_rra(c.unet, self.bank, names)
+                load_rra_tensors(active.rra, concept.tensors)
+                for processor in active.rra.installed.values():
+                    processor.to(self.dtype).requires_grad_(False)
+                active.writers = install_reference_writers(self.reference_unet, self.bank,
+                                                           names)
+                active.reference_latent = self._reference_latent(reference_image)
+                caption = self.rra_config.inference_caption.format(
+                    class_noun=concept.record.get("class_noun", ""))
+                active.reference_states = self._encode_prompts([caption])
+        except Exception:
+            active.remove()
+            raise
+        active.record = {"subject": concept.record.get("subject"),
+                         "method": concept.record.get("method", {}).get("name"),
+                         "concept_hash": concept.content_hash, "rra": has_rra}
+        return active
+
+    def _reference_latent(self, image: Tensor) -> Tensor:
+        """(3, H, W) in [-1, 1] at the sampling resolution → (1, C, h, w) scaled VAE mean."""
+        side = self.sample.resolution
+        if image.shape != (3, side, side):
+            raise ValueError(f"reference image must be (3, {side}, {side}) in [-1, 1], got "
+                             f"{tuple(image.shape)}")
+        vae = self.components.vae
+        mean = vae.encode(image[None].to(self.device, vae.dtype)).latent_dist.mean
+        return (mean * vae.config.scaling_factor).to(self.dtype)
+
+    @contextmanager
+    def applied(self, concept: Concept | None,
+                reference_image: Tensor | None = None) -> Iterator[_ActiveConcept | None]:
+        """Apply ``concept`` (None: the base model) within the block; remove it afterwards and
+        release what it held."""
+        active = self._apply(concept, reference_image) if concept is not None else None
+        try:
+            yield active
+        finally:
+            if active is not None:
+                active.remove()
+            self.bank.clear()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, concept: Concept | None, requests: Sequence[ImageRequest], *,
+                 reference_image: Tensor | None = None,
+                 batch_size: int | None = None) -> list[GeneratedImage]:
+        """Draw one image per request, ``batch_size`` (default ``sample.batch_size``) at a time.
+
+        ``concept`` None draws from the base model. ``reference_image`` (3, H, W) in [-1, 1] at
+        the sampling resolution is required for concepts with RRA weights.
+        """
+        size = batch_size or self.sample.batch_size
+        images: list[GeneratedImage] = []
+        with self.applied(concept, reference_image) as active:
+            for start in range(0, len(requests), size):
+                chunk = list(requests[start:start + size])
+                pixels = self._denoise(chunk, active)
+                s = self.sample
+                for request, image in zip(chunk, pixels, strict=True):
+                    record = {**(active.record if active else {"concept_hash": None,
+                                                                "rra": False}),
+                              "prompt": request.prompt, "seed": request.seed,
+                              "prompt_index": request.prompt_index, "k": request.k,
+                              "scheduler": s.scheduler, "steps": s.steps,
+                              "guidance_scale": s.guidance_scale, "eta": s.eta,
+                              "negative_prompt": s.negative_prompt,
+                              "base_model": self.base_identity}
+                    images.append(GeneratedImage(image, record))
+        return images
+
+    def _step_kwargs(self, generators: list[torch.Generator]) -> dict[str, Any]:
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = self.sample.eta
+        if "generator" in accepted:
+            kwargs["generator"] = generators
+        return kwargs
+
+    @torch.no_grad()
+    def _denoise(self, requests: list[ImageRequest], active: _ActiveConcept | None) -> Tensor:
+        """(n, 3, H, W) float32 images in [0, 1] on the CPU for these requests."""
+        c, s, scheduler = self.components, self.sample, self.scheduler
+        n = len(requests)
+        guided = s.guidance_scale > 1.0
+        states = self._encode_prompts([r.prompt for r in requests])
+        if guided:
+            states = torch.cat([self._encode_prompts([s.negative_prompt] * n), states])
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        side = c.latent_size(s.resolution)
+        latents = randn_tensor((n, c.unet.config.in_channels, side, side), generator=generators,
+                               device=self.device, dtype=states.dtype)
+        scheduler.set_timesteps(s.steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generators)
+        rra = active is not None and active.rra is not None
+        for t in scheduler.timesteps:
+            if rra:  # one reference pass per step serves every image and both CFG branches
+                self.reference_unet(active.reference_latent, t, active.reference_states)
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = c.unet(model_input, t, states).sample
+            self.bank.clear()
+            if guided:
+                uncond, text = noise.chunk(2)
+                noise = uncond + s.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        decoded = c.vae.decode(latents / c.vae.config.scaling_factor).sample
+        return (decoded / 2 + 0.5).clamp(0, 1).float().cpu()
