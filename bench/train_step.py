@@ -1,0 +1,698 @@
+"""Training-step benchmark: ``ConceptTrainer.train_step`` against a plain diffusers-style loop.
+
+For each method preset (textual-inversion, custom-diffusion, eqdiff-no-rra, and eqdiff when an
+RRA training extension exists in the code) this times our trainer's step after warm-up (median
+and p90 of many steps) and its peak memory, and — in the same process, on the same components,
+with the same trainable tensors and batch — a reference loop in the shape of diffusers'
+``train_custom_diffusion.py`` / ``textual_inversion.py``: VAE encode, text encoder on every
+prompt, noise, UNet, MSE (+ prior MSE), backward, grad-clip, AdamW, ``loss.item()``. The table
+reports ours/reference ratios, which are what compare across machines.
+
+The reference trains exactly our tensors: one placeholder vector injected at the token's
+position (not the whole embedding table the diffusers scripts train) and, where the method
+trains K/V, diffusers' own ``CustomDiffusionAttnProcessor2_0`` on the 16 cross-attentions
+(K/V copies of the pretrained ones, ``train_q_out=False``). Its batch is the method's batch
+(2 instance + 2 prior, or 2 instance for textual inversion, which has no prior preservation).
+It has no RRA, so the "eqdiff" row's ratio is RRA + reference pass + EqDiff losses against the
+K/V + token loop. Images are on the device before the loop (no data loader in either loop).
+
+Both loops run under the trainer's precision (``precision="auto"``: bf16 autocast on CUDA with
+fp32 frozen weights, plain fp32 on CPU). On CUDA a second pass (``--bf16-frozen``, default on
+CUDA) casts the frozen modules to bf16 and runs everything again, measuring that lever (the
+diffusers scripts keep frozen weights in the half-precision ``weight_dtype``).
+
+    # tiny offline model on CPU, 64 px (seconds)
+    .venv/bin/python bench/train_step.py --tiny --out bench/results
+    # SD-1.5-shaped random model at 512 px on CUDA (the lent H100/H200; ~2-3 minutes)
+    PYTHONUNBUFFERED=1 .venv/bin/python bench/train_step.py --out bench/results
+    # the full path's code on CPU at a small size (sanity check, not a measurement)
+    .venv/bin/python bench/train_step.py --device cpu --resolution 128 --steps 1 --warmup 0
+
+Results go to ``FOLDER/train_step.json`` (rewritten after every method, so a run cut short
+still leaves what it measured) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+from torch import Tensor, nn
+
+from eqdiff.config import (
+    LossConfig,
+    MethodConfig,
+    RRAConfig,
+    RunConfig,
+    TrainConfig,
+    method_preset,
+)
+from eqdiff.embeddings import add_placeholder_token
+from eqdiff.models import SDComponents, load_sd_components
+from eqdiff.training import (
+    CLASS_PROMPT,
+    INSTANCE_PROMPT,
+    ConceptData,
+    ConceptTrainer,
+    TrainingExtension,
+    autocast_dtype,
+)
+from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
+
+logger = logging.getLogger("bench.train_step")
+
+DEFAULT_METHODS = ("textual-inversion", "custom-diffusion", "eqdiff-no-rra", "eqdiff")
+RRA_MODULES = ("eqdiff.reference", "eqdiff.attention", "eqdiff.rra")
+RRA_PREFIX = "eqdiff_rra."
+EXTENSION_METHODS = ("parameters", "before_unet", "loss_terms", "after_step",
+                     "learned_tensors", "load_learned_tensors")
+INSTANCE_IMAGES = 4
+PRIOR_IMAGES = 8
+CLASS_NOUN = "dog"
+
+
+# --------------------------------------------------------------------------- RRA detection
+
+@dataclass
+class RRAFinding:
+    """Where the RRA training extension was found (``factory`` is None when it was not)."""
+
+    factory: Callable[..., Any] | None
+    where: str
+    note: str
+
+
+def _looks_like_extension(obj: Any) -> bool:
+    return inspect.isclass(obj) and all(callable(getattr(obj, m, None))
+                                        for m in EXTENSION_METHODS)
+
+
+def find_rra_extension() -> RRAFinding:
+    """Look for the RRA :class:`TrainingExtension` in the modules that may hold it.
+
+    Preferred: a module function ``training_extensions(config, method)`` (the factory the
+    pipeline uses). Otherwise a class with every extension method and either
+    ``prefix == "eqdiff_rra."`` or a name that mentions RRA / reference. Nothing is
+    constructed here.
+    """
+    problems, classes = [], []
+    for module_name in RRA_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                problems.append(f"{module_name} failed to import: {err}")
+            continue
+        except Exception as err:  # a half-written module must not stop the other methods
+            problems.append(f"{module_name} failed to import: {type(err).__name__}: {err}")
+            continue
+        factory = getattr(module, "training_extensions", None)
+        if inspect.isfunction(factory) and factory.__module__ == module.__name__:
+            return RRAFinding(factory, f"{module_name}.training_extensions", "")
+        for name, obj in vars(module).items():
+            if not _looks_like_extension(obj) or obj.__module__ != module.__name__:
+                continue
+            lowered = name.lower()
+            if getattr(obj, "prefix", None) == RRA_PREFIX or "rra" in lowered or (
+                    "reference" in lowered):
+                classes.append(RRAFinding(obj, f"{module_name}.{name}", ""))
+    if classes:
+        return classes[0]
+    note = "no RRA TrainingExtension in " + ", ".join(RRA_MODULES) + " yet"
+    if problems:
+        note += " (" + "; ".join(problems) + ")"
+    return RRAFinding(None, "", note)
+
+
+def build_rra_extensions(finding: RRAFinding, by_type: dict[type, Any],
+                         by_name: dict[str, Any]) -> list[TrainingExtension]:
+    """Call the found factory or class, binding each parameter by its annotated type
+    (``RRAConfig``, ``MethodConfig``, …), else by its name; a list result is kept as is.
+
+    Raises ``TypeError`` naming the signature when a required parameter cannot be bound
+    (then this benchmark needs a line for the new constructor).
+    """
+    assert finding.factory is not None
+    try:
+        signature = inspect.signature(finding.factory, eval_str=True)
+    except (NameError, TypeError):  # annotations that do not resolve here: names only
+        signature = inspect.signature(finding.factory)
+    kwargs, missing = {}, []
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = param.annotation
+        if isinstance(annotation, type) and annotation in by_type:
+            kwargs[name] = by_type[annotation]
+        elif name in by_name:
+            kwargs[name] = by_name[name]
+        elif param.default is param.empty:
+            missing.append(name)
+    if missing:
+        raise TypeError(f"{finding.where}{signature} needs {missing}, which this benchmark "
+                        f"does not know how to supply")
+    made = finding.factory(**kwargs)
+    extensions = list(made) if isinstance(made, (list, tuple)) else [made]
+    prefixes = [getattr(e, "prefix", None) for e in extensions]
+    if RRA_PREFIX not in prefixes:
+        raise TypeError(f"{finding.where} gave extensions with prefixes {prefixes}, none is "
+                        f"{RRA_PREFIX!r}")
+    return extensions
+
+
+# --------------------------------------------------------------------------- setup
+
+def make_data(resolution: int, device: torch.device, seed: int = 0) -> ConceptData:
+    """Random concept images, rectangular masks and class images, on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(INSTANCE_IMAGES, 3, resolution, resolution, generator=gen) * 2 - 1
+    masks = torch.zeros(INSTANCE_IMAGES, 1, resolution, resolution)
+    lo, hi = resolution // 4, 3 * resolution // 4
+    masks[:, :, lo:hi, lo:hi] = 1
+    prior = torch.rand(PRIOR_IMAGES, 3, resolution, resolution, generator=gen) * 2 - 1
+    return ConceptData("bench", CLASS_NOUN, images.to(device), masks.to(device),
+                       prior.to(device))
+
+
+def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
+               precision: str = "auto") -> RunConfig:
+    """The released training settings, with this run's size and a placeholder of its own."""
+    return RunConfig(methods=(method,), train=TrainConfig(
+        steps=steps, resolution=resolution, num_prior_images=PRIOR_IMAGES,
+        placeholder_token=token, checkpoint_every=0, precision=precision))
+
+
+class _TokenNames:
+    """Fresh placeholder names: the tokenizer keeps every placeholder a run adds."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, kind: str) -> str:
+        self.count += 1
+        return f"<eqdbench{kind}{self.count}>"
+
+
+# --------------------------------------------------------------------------- our trainer
+
+_LIVE_TRAINERS: list[ConceptTrainer] = []
+
+
+class _BenchTrainer(ConceptTrainer):
+    """``ConceptTrainer`` that registers itself before installing anything, so that a failure
+    (OOM) later in ``__init__`` can still be undone with :meth:`ConceptTrainer.remove`."""
+
+    def _install(self, data: ConceptData) -> None:
+        _LIVE_TRAINERS.append(self)
+        super()._install(data)
+
+
+# --------------------------------------------------------------------------- reference loop
+
+class ReferenceLoop:
+    """The classic diffusers customization step, written out plainly.
+
+    Per step: draw images, VAE encode (``latent_dist.sample()``), text encoder on every
+    prompt, noise and timesteps on the device, UNet, masked instance MSE + prior MSE,
+    backward, grad-clip, AdamW (default foreach, as the scripts use), ``loss.item()``.
+    """
+
+    def __init__(self, components: SDComponents, data: ConceptData, config: RunConfig,
+                 method: MethodConfig, device: torch.device) -> None:
+        c = self.components = components.freeze()
+        tcfg = config.train
+        self.device = device
+        self.amp_dtype = autocast_dtype(config, device)
+        self.prior_weight = config.losses.prior_weight
+        self.grad_clip = tcfg.grad_clip
+        self.images, self.prior_images = data.images, data.prior_images
+        latent_side = c.latent_size(data.images.shape[-1])
+        self.latent_masks = F.interpolate(data.masks.float(), size=latent_side, mode="nearest")
+        self.bi = tcfg.instance_batch
+        self.bp = tcfg.prior_batch if method.prior_preservation else 0
+        # token: one trainable vector injected where the placeholder id is
+        self.token_id, initial = add_placeholder_token(
+            c.tokenizer, c.text_encoder, tcfg.placeholder_token, tcfg.initializer_token)
+        self.vector = nn.Parameter(initial.detach().float().to(device).reshape(1, -1))
+        self._hook = c.text_encoder.get_input_embeddings().register_forward_hook(self._inject)
+        # K/V: diffusers' Custom Diffusion processor on the cross-attention layers
+        self._original_processors = dict(c.unet.attn_processors)
+        kv_params: list[nn.Parameter] = []
+        if method.train_kv:
+            processors = dict(self._original_processors)
+            modules = {f"{n}.processor": m for n, m in c.unet.named_modules()
+                       if isinstance(m, Attention)}
+            for name in processors:
+                if not name.endswith("attn2.processor"):
+                    continue
+                attn = modules[name]
+                proc = CustomDiffusionAttnProcessor2_0(
+                    train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                    cross_attention_dim=attn.to_k.in_features).to(device)
+                with torch.no_grad():
+                    proc.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
+                    proc.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
+                processors[name] = proc
+                kv_params += list(proc.parameters())
+            c.unet.set_attn_processor(processors)
+        self.params = [self.vector, *kv_params]
+        tokenize = c.tokenizer
+        prompts = ([INSTANCE_PROMPT.format(token=tcfg.placeholder_token, class_noun=CLASS_NOUN)]
+                   * self.bi + [CLASS_PROMPT.format(class_noun=CLASS_NOUN)] * self.bp)
+        self.input_ids = tokenize(prompts, padding="max_length", truncation=True,
+                                  max_length=tokenize.model_max_length,
+                                  return_tensors="pt").input_ids.to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+            weight_decay=tcfg.weight_decay, eps=tcfg.adam_epsilon)
+
+    def _inject(self, _module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        where = (args[0] == self.token_id).unsqueeze(-1)
+        return torch.where(where, self.vector.to(output.dtype), output)
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def train_step(self) -> float:
+        c, device = self.components, self.device
+        idx = torch.randint(self.images.shape[0], (self.bi,), device=device)
+        pixels = self.images[idx]
+        if self.bp:
+            prior_idx = torch.randint(self.prior_images.shape[0], (self.bp,), device=device)
+            pixels = torch.cat([pixels, self.prior_images[prior_idx]])
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            latents = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist.sample()
+            latents = latents.float() * c.vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(c.noise_scheduler.config.num_train_timesteps,
+                                      (latents.shape[0],), device=device)
+            noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+            states = c.text_encoder(self.input_ids)[0]
+            pred = c.unet(noisy, timesteps, states).sample.float()
+        mask = self.latent_masks[idx]
+        error = (pred[:self.bi] - noise[:self.bi]).square() * mask
+        loss = (error.sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * pred.shape[1])).mean()
+        if self.bp:
+            loss = loss + self.prior_weight * F.mse_loss(pred[self.bi:], noise[self.bi:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # the scripts log the loss every step
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self.components.unet.set_attn_processor(self._original_processors)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mib(count: float) -> float:
+    return round(count / 2**20, 1)
+
+
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int,
+               steps: int) -> dict[str, Any]:
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones (CUDA events on CUDA)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    setup_peak = None
+    if device.type == "cuda":
+        setup_peak = _mib(torch.cuda.max_memory_allocated(device))  # set-up and warm-up
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(steps)]
+        for begin, end in events:
+            begin.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    wall = (time.perf_counter() - started) * 1e3 / steps
+    ordered = sorted(times)
+    out: dict[str, Any] = {
+        "ms_median": round(statistics.median(times), 2),
+        "ms_p90": round(ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)], 2),
+        "ms_min": round(ordered[0], 2), "ms_mean": round(statistics.fmean(times), 2),
+        "wall_ms_per_step": round(wall, 2), "timed_steps": steps, "warmup_steps": warmup,
+    }
+    if device.type == "cuda":
+        out["step_peak_mib"] = _mib(torch.cuda.max_memory_allocated(device))
+        out["peak_mib"] = max(out["step_peak_mib"], setup_peak)
+    return out
+
+
+def _prepare_memory(device: torch.device) -> float | None:
+    """Free what earlier runs left, reset the peak; returns MiB allocated now (weights, data)."""
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return _mib(torch.cuda.memory_allocated(device))
+
+
+def _cleanup(components: SDComponents, processors: dict[str, Any]) -> None:
+    """Undo whatever a run (even a failed one) installed on the shared components."""
+    while _LIVE_TRAINERS:
+        _LIVE_TRAINERS.pop().remove()
+    components.unet.set_attn_processor(dict(processors))
+    for module in (components.text_encoder, components.vae, components.unet):
+        module.zero_grad(set_to_none=True)
+
+
+def measure_ours(components: SDComponents, data: ConceptData, method: MethodConfig,
+                 config: RunConfig, device: torch.device, warmup: int, steps: int,
+                 rra: RRAFinding) -> dict[str, Any]:
+    """Build a trainer for ``method`` and time ``train_step``."""
+    before = _prepare_memory(device)
+    extensions: list[TrainingExtension] = []
+    if method.rra:
+        by_type = {RRAConfig: config.rra, MethodConfig: method, RunConfig: config,
+                   SDComponents: components, ConceptData: data, LossConfig: config.losses,
+                   torch.device: device}
+        by_name = {"components": components, "unet": components.unet, "data": data,
+                   "run_config": config, "rra_config": config.rra, "method": method,
+                   "device": device, "seed": config.train.seed}
+        extensions = build_rra_extensions(rra, by_type, by_name)
+    t0 = time.perf_counter()
+    trainer = _BenchTrainer(components, data, config, method, device=device,
+                            extensions=extensions)
+    setup_s = round(time.perf_counter() - t0, 2)
+    try:
+        result = time_steps(trainer.train_step, device, warmup, steps)
+        result["trainable_params"] = sum(p.numel() for p in trainer.trainable_parameters())
+        result["batch"] = {"instance": config.train.instance_batch,
+                           "prior": trainer.prior_batch}
+    finally:
+        trainer.remove()
+        _LIVE_TRAINERS.remove(trainer)
+        for extension in extensions:
+            remove = getattr(extension, "remove", None)
+            if callable(remove):
+                remove()
+    result["setup_s"] = setup_s
+    result["allocated_before_mib"] = before
+    return result
+
+
+def measure_reference(components: SDComponents, data: ConceptData, method: MethodConfig,
+                      config: RunConfig, device: torch.device, warmup: int,
+                      steps: int) -> dict[str, Any]:
+    """Build the plain loop with ``method``'s trainable tensors and batch, and time it."""
+    before = _prepare_memory(device)
+    t0 = time.perf_counter()
+    loop = ReferenceLoop(components, data, config, method, device)
+    setup_s = round(time.perf_counter() - t0, 2)
+    try:
+        result = time_steps(loop.train_step, device, warmup, steps)
+        result["trainable_params"] = loop.trainable_count()
+        result["batch"] = {"instance": loop.bi, "prior": loop.bp}
+    finally:
+        loop.remove()
+    result["setup_s"] = setup_s
+    result["allocated_before_mib"] = before
+    return result
+
+
+def guarded(run: Callable[[], dict[str, Any]], label: str, components: SDComponents,
+            processors: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement; an OOM or an error becomes a status instead of ending the run."""
+    outcome: dict[str, Any]
+    try:
+        outcome = {"status": "ok", **run()}
+    except torch.OutOfMemoryError as err:
+        logger.warning("%s: out of memory", label)
+        outcome = {"status": "oom", "error": str(err).splitlines()[0][:300]}
+    except Exception as err:  # one broken method must not lose the others' figures
+        logger.exception("%s failed", label)
+        outcome = {"status": "error", "error": f"{type(err).__name__}: {err}"[:500]}
+    _cleanup(components, processors)
+    return outcome
+
+
+# --------------------------------------------------------------------------- reporting
+
+TABLE_HEADER = ("| method | frozen weights | batch (inst+prior) | ours ms/step (median / p90) "
+                "| reference ms/step (median / p90) | ours / ref | ours peak MiB "
+                "| ref peak MiB | note |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _cell(run: dict[str, Any] | None, key: str) -> str:
+    if not run:
+        return "—"
+    if run.get("status") != "ok":
+        return run.get("status", "—").upper()
+    value = run.get(key)
+    return "n/a" if value is None else f"{value:g}"
+
+
+def _times(run: dict[str, Any] | None) -> str:
+    if not run or run.get("status") != "ok":
+        return _cell(run, "ms_median")
+    return f"{run['ms_median']:.1f} / {run['ms_p90']:.1f}"
+
+
+def table_row(row: dict[str, Any]) -> str:
+    ours, ref = row.get("ours"), row.get("reference")
+    batch = "—"
+    for run in (ours, ref):
+        if run and run.get("status") == "ok":
+            batch = f"{run['batch']['instance']}+{run['batch']['prior']}"
+            break
+    ratio = row.get("ratio_ours_over_reference")
+    notes = [row["note"]] if row.get("note") else []
+    for name, run in (("ours", ours), ("ref", ref)):
+        if run and run.get("status") not in (None, "ok"):
+            notes.append(f"{name}: {run.get('error', '')[:120]}")
+    return (f"| {row['method']} | {row['frozen_weights']} | {batch} | {_times(ours)} "
+            f"| {_times(ref)} | {'—' if ratio is None else f'{ratio:.2f}'} "
+            f"| {_cell(ours, 'peak_mib')} | {_cell(ref, 'peak_mib')} "
+            f"| {'; '.join(notes).replace('|', '/')} |\n")
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=torch.cuda.get_device_name(device),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                    total_memory_mib=_mib(props.total_memory), cuda=torch.version.cuda,
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
+    else:
+        info.update(name=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                    torch_threads=torch.get_num_threads())
+    return info
+
+
+# --------------------------------------------------------------------------- main
+
+def build_components(tiny: bool, device: torch.device, scratch: Path) -> SDComponents:
+    """The tiny offline SD (through the real loader) or SD-1.5-shaped random modules."""
+    if tiny:
+        folder = build_tiny_sd(scratch / "tiny-sd", seed=0)
+        return load_sd_components(str(folder), local_files_only=True).to(device)
+    return sd15_shaped_components(device=device)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny offline SD at 64 px (default device: cpu)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cpu with --tiny, cuda otherwise")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels (default 64 with --tiny, 512 otherwise)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per loop (default 20; 10 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps before timing (default 5; 2 with --tiny)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1: stable timings on a shared "
+                             "machine; ignored on CUDA)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help=f"method presets (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        default="auto", help="TrainConfig.precision for both loops (default "
+                        "auto: the trainer's default, bf16 autocast on CUDA, fp32 on CPU)")
+    parser.add_argument("--bf16-frozen", choices=("auto", "on", "off"), default="auto",
+                        help="also run every method with frozen weights cast to bf16 "
+                             "(auto: on CUDA only; needs bf16 autocast)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference loop (ours only)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="folder for train_step.json")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 10 if args.tiny else 20
+    if args.warmup is None:
+        args.warmup = 2 if args.tiny else 5
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    for name in args.methods:
+        try:
+            method_preset(name)
+        except ValueError as err:
+            parser.error(str(err))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()  # per-method ".to()" dtype chatter
+    transformers.utils.logging.set_verbosity_error()  # token-embedding resize notes
+    device_name = args.device if args.device != "auto" else ("cpu" if args.tiny else "cuda")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: use --tiny, or --device cpu with a small "
+                         "--resolution for a sanity run of the full-size path")
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    resolution = args.resolution or (64 if args.tiny else 512)
+    bf16_frozen = (args.bf16_frozen == "on"
+                   or (args.bf16_frozen == "auto" and device.type == "cuda"))
+    amp = autocast_dtype(run_config(method_preset("custom-diffusion"), resolution, 1, "<x>",
+                                    args.precision), device)
+    if bf16_frozen and amp != torch.bfloat16:
+        raise SystemExit("--bf16-frozen needs bf16 autocast (CUDA, or --precision bf16): "
+                         "without it bf16 weights would meet fp32 activations")
+    rra = find_rra_extension()
+    logger.info("RRA extension: %s", rra.where or rra.note)
+    started = time.perf_counter()
+    info = device_info(device)
+    logger.info("device: %s (%s)", info["name"], device)
+
+    with tempfile.TemporaryDirectory(prefix="eqdiff-bench-") as tmp:
+        components = build_components(args.tiny, device, Path(tmp)).freeze()
+        data = make_data(resolution, device)
+    processors = dict(components.unet.attn_processors)
+    weights_mib = _prepare_memory(device)
+    logger.info("components ready in %.1f s (%s)", time.perf_counter() - started,
+                "tiny" if args.tiny else "SD-1.5 shapes")
+
+    report: dict[str, Any] = {
+        "benchmark": "train_step", "mode": "tiny" if args.tiny else "sd15-shaped",
+        "device": info, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "resolution": resolution, "steps": args.steps, "warmup": args.warmup,
+        "precision": {"trainer": f'precision="{args.precision}"',
+                      "autocast": str(amp).removeprefix("torch.") if amp else "none (fp32)",
+                      "frozen_weights": "fp32 (the trainer does not cast them)"},
+        "weights_and_data_mib": weights_mib,
+        "rra_extension": rra.where or None, "results": [],
+        "notes": [
+            "reference = diffusers train_custom_diffusion/textual_inversion loop shape with our "
+            "trainable tensors (one token vector; K/V via CustomDiffusionAttnProcessor2_0) and "
+            "our batch; VAE + text encoder run every step; no RRA",
+            "ms: CUDA events per step after warm-up (CPU: perf_counter)",
+            "peak_mib: max allocated from trainer set-up to the last step (includes frozen "
+            "weights and data); step_peak_mib: during the timed steps only; "
+            "allocated_before_mib: allocated when the run started",
+        ],
+    }
+    out_path = args.out / "train_step.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        if device.type == "cpu":
+            report["max_rss_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                         * 1024)
+        partial = out_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        partial.replace(out_path)
+
+    write(f"\n## train step — {info['name']} ({device}), "
+          f"{'tiny SD' if args.tiny else 'SD-1.5-shaped random'}, {resolution} px, "
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"autocast {report['precision']['autocast']}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up\n\n")
+    write(TABLE_HEADER)
+    names = _TokenNames()
+    passes = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16_frozen else [])
+    for frozen, dtype in passes:
+        if dtype is not None:
+            components.to(device, dtype)
+        for name in args.methods:
+            method = method_preset(name)
+            row: dict[str, Any] = {"method": name, "frozen_weights": frozen}
+            if method.rra and rra.factory is None:
+                row.update(status="skipped", note=f"skipped: {rra.note}")
+            else:
+                label = f"{name} [{frozen} frozen]"
+                config = run_config(method, resolution, args.warmup + args.steps,
+                                    names("ours"), args.precision)
+                logger.info("%s: ours", label)
+                row["ours"] = guarded(lambda m=method, c=config: measure_ours(
+                    components, data, m, c, device, args.warmup, args.steps, rra),
+                    f"{label} ours", components, processors)
+                if not args.no_reference:
+                    ref_config = run_config(method, resolution, 1, names("ref"),
+                                            args.precision)
+                    logger.info("%s: reference", label)
+                    row["reference"] = guarded(lambda m=method, c=ref_config: measure_reference(
+                        components, data, m, c, device, args.warmup, args.steps),
+                        f"{label} reference", components, processors)
+                ours, ref = row.get("ours", {}), row.get("reference", {})
+                if ours.get("status") == "ok" and ref.get("status") == "ok":
+                    row["ratio_ours_over_reference"] = round(
+                        ours["ms_median"] / ref["ms_median"], 3)
+                if method.rra:
+                    row["note"] = (f"RRA from {rra.where}; reference has no RRA "
+                                   "(K/V + token loop)")
+                elif method.fdte:
+                    row["note"] = "ours trains 2 token vectors (FDTE), ref 1"
+            report["results"].append(row)
+            save()
+            write(table_row(row))
+    write(f"\nweights + data allocated: {weights_mib if weights_mib is not None else 'n/a'} "
+          f"MiB; total {time.perf_counter() - started:.0f} s; results: {out_path}\n")
+    save()
+
+
+if __name__ == "__main__":
+    main()
