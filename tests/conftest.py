@@ -108,8 +108,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A local Ray instance (2 CPUs, no dashboard, no token auth) for the session."""
+def ray_local(prefect_server: str, aws_test_env: dict[str, str]) -> Iterator[None]:
+    """A local Ray instance (2 CPUs, no dashboard, no token auth) for the session.
+
+    Started after the Prefect server and the fake AWS credentials exist, so its workers
+    inherit both (as workers on a real cluster have their own).
+    """
     import ray
 
     from flows.compute import ray_init_kwargs

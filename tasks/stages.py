@@ -1,0 +1,100 @@
+"""Thin Prefect tasks over :mod:`eqdiff.stages`: resolve inputs, call one function, return keys.
+
+Retries are for transient trouble only (storage or network hiccups, a lost Ray worker);
+a :class:`~eqdiff.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and is
+reported. Prefect's own result caching is off: the stages' completion markers in the store
+decide what is already done.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from eqdiff import stages
+from eqdiff.config import MethodConfig
+from eqdiff.datasets import Subject
+from eqdiff.storage import StorageUnavailableError
+from tasks.progress import PrefectProgress
+from tasks.resources import concept_generator, device_for_task, scorers
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, ConnectionError,
+                                                     TimeoutError)
+
+
+def _lost_worker(error: BaseException) -> bool:
+    try:
+        from ray.exceptions import NodeDiedError, WorkerCrashedError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return isinstance(error, WorkerCrashedError | NodeDiedError)
+
+
+def transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
+    """Retry condition: only storage/network errors and lost Ray workers are retried."""
+    try:
+        state.result()
+    except TRANSIENT_ERRORS:
+        return True
+    except Exception as error:  # noqa: BLE001 - classifying, not handling
+        return _lost_worker(error)
+    return False
+
+
+COMMON = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": transient_only,
+          "cache_policy": NO_CACHE, "persist_result": False}
+
+
+def _record(result: stages.StageResult) -> dict:
+    return {"prefix": result.prefix, "skipped": result.skipped, **result.info}
+
+
+@task(name="preprocess", **COMMON)
+def preprocess(ctx: stages.RunContext, subject: Subject) -> dict:
+    return _record(stages.preprocess(ctx, subject))
+
+
+@task(name="extract-masks", **COMMON)
+def extract_masks(ctx: stages.RunContext, subject: Subject) -> dict:
+    return _record(stages.extract_masks(ctx, subject, device=device_for_task()))
+
+
+@task(name="class-priors", **COMMON)
+def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
+    progress = PrefectProgress(f"class priors: {class_noun}")
+    return _record(stages.class_priors(ctx, class_noun, device=device_for_task(),
+                                       progress=progress.update))
+
+
+@task(name="train-concept", **COMMON)
+def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method: MethodConfig,
+                  prior_prefix: str | None) -> dict:
+    progress = PrefectProgress(f"training {subject}/{method.name}")
+    return _record(stages.train(ctx, subject, class_noun, method, prior_prefix=prior_prefix,
+                                device=device_for_task(),
+                                callbacks=[progress.training_callback()]))
+
+
+@task(name="generate-images", **COMMON)
+def generate_images(ctx: stages.RunContext, subject: Subject, method: str,
+                    prompts: list[str]) -> dict:
+    progress = PrefectProgress(f"generating {subject.name}/{method}")
+    generator = concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
+                                  local_files_only=ctx.config.model.local_files_only)
+    return _record(stages.generate(ctx, generator, subject, method, prompts,
+                                   progress=progress.update))
+
+
+@task(name="score-subject", **COMMON)
+def score_subject(ctx: stages.RunContext, subject: Subject, methods: list[str]) -> dict:
+    clip, dino = scorers(ctx.config.eval)
+    return _record(stages.score(ctx, clip, dino, subject, methods))
+
+
+@task(name="build-report", **COMMON)
+def build_report(ctx: stages.RunContext) -> dict:
+    return _record(stages.report(ctx))
