@@ -1,0 +1,156 @@
+"""Sampling throughput of :class:`eqdiff.sampling.ConceptGenerator`, with and without RRA,
+against a plain ``StableDiffusionPipeline`` call on the same modules in the same process.
+
+Rows per batch size: ``pipeline`` (diffusers, base model), ``base`` (our loop, no concept),
+``kv`` (a concept with token + K/V), ``rra`` (token + K/V + RRA: one reference-UNet pass per
+denoising step for the whole batch). Concepts carry random weights: speed does not depend on
+the values. ``--tiny`` uses the tiny offline SD on the CPU (64 px); otherwise random modules
+with SD-1.5's shapes (512 px), fp16 on CUDA when available.
+
+    .venv/bin/python bench/sampling_throughput.py --tiny --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from eqdiff.concept import Concept, load_concept, save_concept
+from eqdiff.config import SampleConfig
+from eqdiff.models import SDComponents, load_sd_components
+from eqdiff.reference import ReferenceBank, install_rra, rra_layer_names, rra_learned_tensors
+from eqdiff.sampling import ConceptGenerator, ImageRequest, make_scheduler
+from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
+
+PROMPTS = ["a <eqd> dog on the beach", "a watercolor painting of a <eqd> dog",
+           "a <eqd> dog in the jungle", "a <eqd> dog wearing a hat"]
+
+
+def _components(tiny: bool, folder: Path) -> tuple[SDComponents, torch.device, torch.dtype]:
+    if tiny:
+        source = build_tiny_sd(folder / "tiny-sd")
+        return load_sd_components(str(source), local_files_only=True), torch.device("cpu"), \
+            torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return sd15_shaped_components(device=device, dtype=dtype), device, dtype
+
+
+def _concept(components: SDComponents, folder: Path, *, rra: bool) -> Concept:
+    """A concept with random token, K/V (and RRA) tensors for this base model."""
+    gen = torch.Generator().manual_seed(0)
+    width = components.text_encoder.get_input_embeddings().weight.shape[1]
+    tensors = {"eqdiff_token.vectors": torch.randn(2, width, generator=gen)}
+    for name, param in components.unet.named_parameters():
+        if ".attn2.to_k." in name or ".attn2.to_v." in name:
+            tensors[f"eqdiff_kv.{name}"] = param.detach().float().cpu()
+    if rra:
+        unet = components.unet
+        handle = install_rra(unet, ReferenceBank(), rra_layer_names(unet, ("mid", "up")))
+        with torch.no_grad():
+            for processor in handle.installed.values():
+                processor.to_out.weight.normal_(0, 0.01)
+                processor.to_out.bias[-1] = 0.5
+        tensors.update({k: v.float().cpu() for k, v in rra_learned_tensors(handle).items()})
+        handle.remove()
+    record = {"subject": "dog", "class_noun": "dog", "placeholder_token": "<eqd>",
+              "method": {"name": "eqdiff" if rra else "eqdiff-no-rra"}}
+    return load_concept(save_concept(folder / ("rra" if rra else "kv"), tensors, record,
+                                     base_model=components.source))
+
+
+def _timed(runs: dict[str, Callable[[], object]], repeat: int,
+           device: torch.device) -> dict[str, float]:
+    """Fastest of ``repeat`` runs per variant after one warm-up each, variants interleaved
+    round-robin so that load from other processes hits them alike (min: the least disturbed)."""
+    def once(run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for run in runs.values():
+        once(run)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            times[name].append(once(run))
+    return {name: min(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny offline SD on the CPU")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: 5 tiny, 20 full)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
+    args = parser.parse_args()
+    steps = args.steps or (5 if args.tiny else 20)
+    resolution = 64 if args.tiny else 512
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        components, device, dtype = _components(args.tiny, folder)
+        kv_concept = _concept(components, folder, rra=False)
+        rra_concept = _concept(components, folder, rra=True)
+        sample = SampleConfig(steps=steps, resolution=resolution, batch_size=max(args.batch))
+        generator = ConceptGenerator(components, sample, device=device, dtype=dtype)
+        pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer, unet=components.unet,
+            scheduler=make_scheduler("ddim", components.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        reference = torch.rand(3, resolution, resolution,
+                               generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+        rows = []
+        for batch in args.batch:
+            requests = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch)]
+            prompts = [r.prompt for r in requests]
+            runs: dict[str, Callable[[], object]] = {
+                "pipeline": lambda p=prompts, b=batch: pipe(
+                    p, num_inference_steps=steps, height=resolution, width=resolution,
+                    generator=[torch.Generator().manual_seed(i) for i in range(b)],
+                    output_type="pt"),
+                "base": lambda r=requests: generator.generate(None, r),
+                "kv": lambda r=requests: generator.generate(kv_concept, r),
+                "rra": lambda r=requests: generator.generate(rra_concept, r,
+                                                             reference_image=reference),
+            }
+            seconds = _timed(runs, args.repeat, device)
+            for name, value in seconds.items():
+                rows.append({"batch": batch, "variant": name, "seconds": round(value, 4),
+                             "images_per_s": round(batch / value, 3),
+                             "vs_pipeline": round(seconds["pipeline"] / value, 3)})
+
+    table = [f"{'batch':>5} {'variant':>9} {'s/call':>9} {'img/s':>8} {'vs pipeline':>12}"]
+    table += [f"{r['batch']:>5} {r['variant']:>9} {r['seconds']:>9.3f} {r['images_per_s']:>8.2f} "
+              f"{r['vs_pipeline']:>12.2f}" for r in rows]
+    sys.stdout.write("\n".join(table) + "\n")
+    result = {"model": "tiny-sd" if args.tiny else "sd15-shaped-random", "device": str(device),
+              "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                              else platform.processor() or platform.machine()),
+              "dtype": str(dtype), "steps": steps, "resolution": resolution,
+              "guidance_scale": sample.guidance_scale, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rows": rows}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "sampling_tiny.json" if args.tiny else f"sampling_{device.type}.json"
+        (args.out / name).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
