@@ -61,9 +61,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _clip_bpe_file() -> Path:
-    import open_clip
+    """The BPE vocabulary inside the installed open_clip package (found, not imported)."""
+    from importlib.util import find_spec
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip_torch is not installed: it ships CLIP's vocabulary")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise FileNotFoundError(f"open_clip_torch ships no BPE vocabulary at {path}")
     return path
