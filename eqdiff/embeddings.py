@@ -110,7 +110,7 @@ def add_placeholder_token(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
                          "choose another")
     tokenizer.add_tokens([placeholder])
     token_id = tokenizer.convert_tokens_to_ids(placeholder)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         initial = table[init_ids].mean(dim=0)
@@ -146,7 +146,7 @@ def write_token_row(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, place
     """
     if placeholder not in tokenizer.get_vocab():
         tokenizer.add_tokens([placeholder])
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     token_id = tokenizer.convert_tokens_to_ids(placeholder)
     table = text_encoder.get_input_embeddings().weight
     if vector.shape != table.shape[1:]:

@@ -62,8 +62,9 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All finished score tables of a run, concatenated, and the failures table.
 
-    Failures are the pairs the run record marks ``failed: …``, pairs it marks done that have no
-    finished scores, and score files without a completion marker (never read).
+    Failures are the pairs the run record marks ``failed: …`` (a failed subject counts for each
+    of the run's methods), pairs it marks done that have no finished scores, and score files
+    without a completion marker (never read).
     """
     run = dict(run if run is not None else read_run_record(store, run_id))
     root = artifact_key("run", run_id=run_id) + "/scores/"
@@ -81,8 +82,15 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
         sha = record.output(key).sha256 if any(o.key == key for o in record.outputs) else None
         tables.append(pd.read_parquet(io.BytesIO(store.get_bytes(key, sha256=sha))))
         scored.add((subject, method))
+    methods = [m["name"] for m in run.get("config", {}).get("methods", [])]
     for name, status in dict(run.get("status", {})).items():
         subject, _, method = str(name).partition("/")
+        if not method:  # a subject-level entry: only a failure matters, for every method
+            if str(status).startswith("failed"):
+                reason = str(status).removeprefix("failed:").strip()
+                failures += [(subject, m, reason) for m in methods
+                             if (subject, m) not in scored]
+            continue
         if (subject, method) in scored or any(f[:2] == (subject, method) for f in failures):
             continue
         reason = (str(status).removeprefix("failed:").strip() if str(status).startswith("failed")

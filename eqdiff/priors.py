@@ -12,11 +12,12 @@ import logging
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from eqdiff.config import SampleConfig, config_hash
 from eqdiff.models import SDComponents, model_identity
+from eqdiff.sampling import make_scheduler
 from eqdiff.training import CLASS_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def generate_class_priors(components: SDComponents, class_noun: str, *, count: i
     pipeline = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder,
         tokenizer=components.tokenizer, unet=components.unet,
-        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        scheduler=make_scheduler("ddim", components.noise_scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)

@@ -231,8 +231,22 @@ def test_scores_round_trip_through_the_store_with_failures(tmp_path: Path) -> No
                        "e": "no scores stored (stage status: done)"}
 
 
+def test_subject_level_status_fails_every_method_and_done_is_ignored(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    table = _hand_table()
+    save_scores(store, table[table["subject"] == "a"], run_id="r2", subject="a", method="m",
+                config_hash="abc")
+    store.put_json("runs/r2/run.json", {
+        "run_id": "r2", "config": {"methods": [{"name": "m"}, {"name": "n"}]},
+        "status": {"a": "done", "a/m": "done", "z": "failed: preprocess: 0 usable images"}})
+    _, failures = load_run_scores(store, "r2")
+    rows = sorted(zip(failures["subject"], failures["method"], failures["reason"], strict=True))
+    assert rows == [("z", "m", "preprocess: 0 usable images"),
+                    ("z", "n", "preprocess: 0 usable images")]
+
+
 def test_cli_rebuilds_the_report_from_stored_scores(tmp_path: Path) -> None:
-    from eqdiff.cli import main
+    from flows.cli import main
 
     _stored_run(tmp_path / "store")
     assert main(["report", "--store", str(tmp_path / "store"), "--run-id", "r1",

@@ -1,0 +1,271 @@
+"""The ``eqdiff`` command line: runs, the demo, reports, the local server, deployments, concepts.
+
+It lives with the flows (the top of the import order: flows → tasks → eqdiff) because most
+commands start flows; commands that need no Prefect import none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("eqdiff")
+
+DEMO_METHODS = ["eqdiff", "custom-diffusion"]
+
+
+# --------------------------------------------------------------------------- runs
+
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """A YAML run file: the flow's parameter names as keys; unknown keys are errors."""
+    import yaml
+
+    text = Path(path).read_text("utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: a run file is a mapping of parameter names to values")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``name=value`` pairs; values are read as YAML (numbers, lists, true/false)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--set expects name=value, got {pair!r}")
+        values[name.strip()] = yaml.safe_load(raw)
+    return values
+
+
+def _params(data: dict[str, Any]):  # noqa: ANN202 - CustomizeParams
+    from pydantic import ValidationError
+
+    from flows.params import CustomizeParams
+
+    try:
+        return CustomizeParams(**data)
+    except ValidationError as error:
+        raise SystemExit(f"invalid run parameters:\n{error}") from None
+
+
+def _run_flow(params, *, start_server: bool) -> dict:  # noqa: ANN001 - CustomizeParams
+    if start_server:
+        from flows.server import ensure_server
+
+        server = ensure_server()
+        logger.info("Prefect UI: %s", server.ui_url)
+    from flows.customize import customize_dataset
+
+    state = customize_dataset(params, return_state=True)
+    record = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api and flow_run_id:
+        logger.info("flow run: %s/runs/flow-run/%s", api.removesuffix("/api"), flow_run_id)
+    return record
+
+
+def _summarise(record: dict) -> int:
+    failed = {k: v for k, v in record["status"].items() if v.startswith("failed")}
+    logger.info("run %s: %d done, %d failed", record["run_id"],
+                len(record["status"]) - len(failed), len(failed))
+    for key, status in failed.items():
+        logger.error("  %s — %s", key, status.removeprefix("failed: "))
+    if record.get("report"):
+        logger.info("report: %s", record["report"]["url"])
+    return 1 if failed and len(failed) == len(record["status"]) else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    data = load_run_file(args.config) if args.config else {}
+    data.update(parse_overrides(args.set or []))
+    return _summarise(_run_flow(_params(data), start_server=not args.no_server))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    params = _params({"dataset": "demo", "base_model": "tiny", "methods": DEMO_METHODS,
+                      "steps": args.steps, "images_per_prompt": 2, "max_prompts": 4,
+                      "storage_url": args.store,
+                      "compute": "local" if args.local else "ray", "run_id": args.run_id,
+                      "overrides": {"train.num_prior_images": 8, "sample.steps": 25,
+                                    "train.checkpoint_every": 50}})
+    record = _run_flow(params, start_server=not args.no_server)
+    code = _summarise(record)
+    logger.info("demo finished in %.0f s", time.perf_counter() - started)
+    return code
+
+
+# --------------------------------------------------------------------------- reports, zoo
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from eqdiff.evaluation import rebuild_report
+    from eqdiff.storage import open_store
+
+    out = Path(args.out or Path("artifacts") / "reports" / args.run_id)
+    page = rebuild_report(open_store(args.store, endpoint_url=args.endpoint_url), args.run_id,
+                          out)
+    logger.info("report: %s (also stored under runs/%s/report/)", page.resolve(), args.run_id)
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
+    return 0
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from eqdiff.zoo import build_zoo
+
+    for role, folder in build_zoo(args.folder).items():
+        logger.info("%s: %s", role, folder.resolve())
+    return 0
+
+
+# --------------------------------------------------------------------------- server
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from flows.server import DEFAULT_HOME, ensure_server, healthy, stop_server
+
+    if args.action == "start":
+        server = ensure_server(port=args.port)
+        logger.info("Prefect server: %s (UI %s)", server.api_url, server.ui_url)
+    elif args.action == "stop":
+        logger.info("stopped" if stop_server(DEFAULT_HOME) else "no server started by eqdiff")
+    else:
+        url = f"http://127.0.0.1:{args.port}/api"
+        logger.info("%s: %s", url, "healthy" if healthy(url) else "not answering")
+    return 0
+
+
+# --------------------------------------------------------------------------- concepts
+
+def _cmd_concept_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from eqdiff.concept import load_concept
+    from eqdiff.config import SampleConfig
+    from eqdiff.images import load_image, normalise_image, pil_to_tensor
+    from eqdiff.sampling import ConceptGenerator, plan_requests
+
+    concept = load_concept(args.concept)
+    token, class_noun = concept.placeholder_token, concept.record.get("class_noun", "")
+    prompts = [p.replace("{token}", token).replace("{class_noun}", class_noun)
+               for p in args.prompt]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sample = SampleConfig(steps=args.steps, images_per_prompt=args.images, seed=args.seed,
+                          resolution=args.resolution)
+    generator = ConceptGenerator.from_pretrained(
+        args.base_model, sample, device=device,
+        dtype=torch.bfloat16 if device == "cuda" else None)
+    reference = None
+    if args.reference:
+        reference = pil_to_tensor(normalise_image(load_image(args.reference),
+                                                  args.resolution).image)
+    requests = plan_requests(concept.record.get("subject", "concept"), prompts, args.images,
+                             args.seed)
+    out = Path(args.out)
+    for image in generator.generate(concept, requests, reference_image=reference):
+        path = image.save(out / f"{image.record['prompt_index']:02d}_{image.record['k']}.png")
+        logger.info("%s: %s", path, image.record["prompt"])
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqdiff",
+        description="Equilibrated Diffusion subject customization at dataset scale "
+                    "(Prefect flows, Ray workers, local or S3 artifacts).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="customize a whole dataset (the customize-dataset flow)",
+        description="Runs the customize-dataset flow. Parameters come from a YAML run file "
+                    "(the flow's parameter names) and --set overrides.")
+    run.add_argument("-c", "--config", help="YAML run file, e.g. examples/dreambench.yaml")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="override a parameter, e.g. --set steps=300 --set "
+                          "'methods=[eqdiff, custom-diffusion]'")
+    run.add_argument("--no-server", action="store_true",
+                     help="do not start a local Prefect server (use PREFECT_API_URL or "
+                          "Prefect's temporary server)")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = commands.add_parser(
+        "demo", help="the whole job on the synthetic demo dataset with tiny offline models",
+        description="Starts a local Prefect server and local Ray if needed, draws the "
+                    "synthetic demo dataset, customizes it with EqDiff and Custom Diffusion, "
+                    "evaluates and writes the report. Finished stages are skipped on a rerun.")
+    demo.add_argument("--store", default="./artifacts",
+                      help="artifact store: a folder, file:///… or s3://bucket/prefix")
+    demo.add_argument("--steps", type=int, default=120, help="training steps per concept")
+    demo.add_argument("--run-id", default="demo", help="name of the run in the store")
+    demo.add_argument("--local", action="store_true", help="run tasks in this process, no Ray")
+    demo.add_argument("--no-server", action="store_true",
+                      help="do not start a local Prefect server")
+    demo.set_defaults(handler=_cmd_demo)
+
+    report = commands.add_parser(
+        "report", help="(re)build a run's report from its stored scores",
+        description="Reads runs/{run}/scores/*/*/scores.parquet and run.json from the store; "
+                    "nothing is recomputed.")
+    report.add_argument("--store", default="./artifacts", help="artifact store URL")
+    report.add_argument("--endpoint-url", default="", help="S3-compatible endpoint")
+    report.add_argument("--run-id", required=True, help="name of the run in the store")
+    report.add_argument("--out", default="", help="local folder for the report files "
+                                                  "(default artifacts/reports/RUN)")
+    report.add_argument("--open", action="store_true", help="open report.html in a browser")
+    report.set_defaults(handler=_cmd_report)
+
+    server = commands.add_parser("server", help="the local Prefect server (127.0.0.1, SQLite)")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, default=4200)
+    server.set_defaults(handler=_cmd_server)
+
+    concept = commands.add_parser("concept", help="use a trained concept")
+    concept_commands = concept.add_subparsers(dest="concept_command", required=True)
+    generate = concept_commands.add_parser(
+        "generate", help="draw images from a saved concept with your prompts",
+        description="Prompts may use {token} and {class_noun}, e.g. "
+                    "'a watercolor painting of a {token} {class_noun}'.")
+    generate.add_argument("concept", help="concept folder (concept.safetensors + concept.json)")
+    generate.add_argument("--base-model", required=True,
+                          help="the base model the concept was trained on (folder or hub id)")
+    generate.add_argument("-p", "--prompt", action="append", required=True)
+    generate.add_argument("--reference", help="reference photo (required for EqDiff concepts "
+                                              "with residual reference attention)")
+    generate.add_argument("--images", type=int, default=4, help="images per prompt")
+    generate.add_argument("--steps", type=int, default=50)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--resolution", type=int, default=512)
+    generate.add_argument("--out", default="generated")
+    generate.set_defaults(handler=_cmd_concept_generate)
+
+    zoo = commands.add_parser("zoo", help="build the tiny offline models into a folder")
+    zoo.add_argument("folder", nargs="?", default="artifacts/zoo")
+    zoo.set_defaults(handler=_cmd_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for chatty in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
