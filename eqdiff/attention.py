@@ -29,11 +29,18 @@ class CrossAttentionCapture:
     Call :meth:`begin` with a (B, L) boolean mask of the placeholder's positions before the
     forward (rows without the token, e.g. prior samples, are all False), then read
     :meth:`maps_at` and :meth:`clear`.
+
+    ``only_side``: when some cross-attention layer has the loss's grid (see
+    :func:`cross_attention_sides`), pass that side: only layers with that grid then compute
+    explicit probabilities, the others keep SDPA — :meth:`maps_at` averages exactly those
+    layers anyway. None (the default, and small test models where no layer has the grid):
+    every layer is captured.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, only_side: int | None = None) -> None:
         self.token_mask: torch.Tensor | None = None
         self._maps: list[torch.Tensor] = []
+        self._only_length = None if only_side is None else only_side * only_side
 
     def begin(self, token_mask: torch.Tensor) -> None:
         self.token_mask = token_mask
@@ -46,6 +53,10 @@ class CrossAttentionCapture:
     @property
     def active(self) -> bool:
         return self.token_mask is not None
+
+    def wants(self, num_queries: int) -> bool:
+        """Whether a layer with ``num_queries`` query positions should record its map now."""
+        return self.active and self._only_length in (None, num_queries)
 
     def record(self, probs: torch.Tensor) -> None:
         """probs: (B, heads, N, L) attention probabilities of one cross-attention layer."""
@@ -107,7 +118,7 @@ class CustomKVProcessor(nn.Module):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
-        if self.capture is not None and self.capture.active:
+        if self.capture is not None and self.capture.wants(length):
             scores = (query @ key.transpose(-1, -2)).float() * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask
@@ -144,6 +155,29 @@ def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
     if not names:
         raise ValueError("this UNet has no cross-attention layers (attn2)")
     return names
+
+
+def cross_attention_sides(unet: UNet2DConditionModel, latent_side: int) -> dict[str, int]:
+    """Query-grid side of each cross-attention layer for square latents of ``latent_side``.
+
+    Follows ``UNet2DConditionModel``'s layout: down block i runs at side ``s_i`` (each block but
+    the last halves it, rounding up like its stride-2 convolution), the mid block at the
+    smallest side, up block j at the side of down block ``n - 1 - j``. Returns
+    {processor name: side}.
+    """
+    sides = [latent_side]
+    for _ in range(len(unet.down_blocks) - 1):
+        sides.append(-(-sides[-1] // 2))
+    last = len(sides) - 1
+    result = {}
+    for name in cross_attention_names(unet):
+        if name.startswith("mid_block."):
+            result[name] = sides[last]
+        else:
+            kind, index = name.split(".")[:2]
+            block = int(index)
+            result[name] = sides[block] if kind == "down_blocks" else sides[last - block]
+    return result
 
 
 def attention_modules(unet: UNet2DConditionModel) -> dict[str, Attention]:

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 FilterShape = Literal["box", "gaussian", "butterworth"]
 BandOutput = Literal["real", "abs"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+FrozenWeights = Literal["auto", "as-loaded"]
 ReferenceChoice = Literal["other", "same"]
 MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "clipseg", "full"]
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
@@ -206,6 +207,9 @@ class TrainConfig:
     initializer_token: str = "ktn"
     seed: int = 0
     precision: Precision = _not_hashed("auto")
+    # "auto": frozen modules (UNet, VAE, text transformer) held in bf16 when autocast is bf16
+    # (cast once at set-up); "as-loaded": leave them in the dtype they were loaded in
+    frozen_weights: FrozenWeights = _not_hashed("auto")
     checkpoint_every: int = _not_hashed(100)
     validation_every: int = _not_hashed(0)  # 0: no validation images
 
@@ -229,6 +233,7 @@ class TrainConfig:
         _check(self.adam_epsilon > 0, f"train.adam_epsilon must be > 0, got {self.adam_epsilon}")
         _check(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
         _check_literal("train.precision", self.precision, Precision)
+        _check_literal("train.frozen_weights", self.frozen_weights, FrozenWeights)
         _check(self.placeholder_token.strip() == self.placeholder_token
                and " " not in self.placeholder_token and self.placeholder_token,
                f"train.placeholder_token must be one word, got {self.placeholder_token!r}")

@@ -35,21 +35,34 @@ class PlaceholderEmbeddings(nn.Module):
         count = 2 if frequency_decomposed else 1
         self.vectors = nn.Parameter(initial.detach().float().reshape(1, -1).repeat(count, 1))
         self._mix: torch.Tensor | None = None
+        # mixes by band tuple, made once on the vectors' device (no host copy per step)
+        self._mix_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     @property
     def frequency_decomposed(self) -> bool:
         return self.vectors.shape[0] == 2
 
     def mix_for_bands(self, bands: Sequence[str]) -> torch.Tensor:
-        """Per-sample mixing weights (B, V) for band names ``low``/``high``/``full``."""
+        """Per-sample mixing weights (B, V) float32 for band names ``low``/``high``/``full``.
+
+        Each distinct band tuple is built once on the vectors' device and reused (a training
+        step then copies nothing from the host); treat the result as read-only.
+        """
+        key = tuple(str(band) for band in bands)
+        cached = self._mix_cache.get(key)
+        if cached is not None and cached.device == self.vectors.device:
+            return cached
         if not self.frequency_decomposed:
-            return torch.ones(len(bands), 1, device=self.vectors.device)
-        try:
-            rows = [BAND_MIX[band] for band in bands]
-        except KeyError as err:
-            raise ValueError(f"unknown band {err.args[0]!r}; expected one of "
-                             f"{list(BAND_MIX)}") from None
-        return torch.tensor(rows, device=self.vectors.device)
+            mix = torch.ones(len(key), 1, device=self.vectors.device)
+        else:
+            try:
+                rows = [BAND_MIX[band] for band in key]
+            except KeyError as err:
+                raise ValueError(f"unknown band {err.args[0]!r}; expected one of "
+                                 f"{list(BAND_MIX)}") from None
+            mix = torch.tensor(rows, device=self.vectors.device)
+        self._mix_cache[key] = mix
+        return mix
 
     def inference_vector(self) -> torch.Tensor:
         """The token used at inference: S_LF + S_HF (or the single vector). Shape (D,)."""
@@ -129,9 +142,7 @@ def install_placeholder_embeddings(text_encoder: CLIPTextModel, token_id: int,
 
     def replace_placeholder(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]
-        where = input_ids == token_id  # (B, L)
-        if not bool(where.any()):
-            return output
+        where = input_ids == token_id  # (B, L); rows without the token keep ``output``
         vectors = embeddings.vectors_for_batch(input_ids.shape[0]).to(output.dtype)  # (B, D)
         return torch.where(where.unsqueeze(-1), vectors.unsqueeze(1), output)
 

@@ -235,11 +235,18 @@ class LossTerms:
     total: Tensor
     terms: dict[str, Tensor]
 
+    def stacked(self) -> tuple[tuple[str, ...], Tensor]:
+        """The log names (``"loss"``, ``"loss/<name>"``, …) and their values as one detached
+        ``(1 + parts,)`` float32 tensor on the losses' device (no synchronisation)."""
+        names = ("loss", *(f"loss/{name}" for name in self.terms))
+        values = torch.stack([self.total.detach().float(),
+                              *(value.float() for value in self.terms.values())])
+        return names, values
+
     def to_log(self) -> dict[str, float]:
-        """``{"loss": total, "loss/<name>": part, ...}`` as floats (synchronises the device)."""
-        values = {"loss": float(self.total.detach())}
-        values.update({f"loss/{name}": float(value) for name, value in self.terms.items()})
-        return values
+        """``{"loss": total, "loss/<name>": part, ...}`` as floats (one device transfer)."""
+        names, values = self.stacked()
+        return dict(zip(names, values.tolist(), strict=True))
 
 
 def total_loss(parts: Mapping[str, Tensor], config: LossConfig) -> LossTerms:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from eqdiff.attention import (
     CrossAttentionCapture,
     ProcessorHandle,
+    cross_attention_sides,
     install_custom_kv,
     kv_learned_tensors,
     kv_parameters,
@@ -129,10 +130,18 @@ class TrainingExtension(Protocol):
 
 @dataclass
 class StepResult:
+    """One finished step. The loss values stay on the device until :attr:`losses` is read."""
+
     step: int  # 1-based count of finished steps
     total_steps: int
-    losses: dict[str, float]
+    loss_names: tuple[str, ...]
+    loss_values: Tensor  # (len(loss_names),) float32 on the device, detached
     bands: tuple[Band, ...]
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """``{"loss": total, "loss/<name>": part, ...}``; reading it synchronises the device."""
+        return dict(zip(self.loss_names, self.loss_values.tolist(), strict=True))
 
 
 class TrainingCallback:
@@ -171,6 +180,25 @@ def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def frozen_weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype the trainer casts frozen weights to once at set-up; None: left as loaded.
+
+    bf16 when autocast is bf16 (``precision`` "auto" on CUDA, or "bf16") and
+    ``train.frozen_weights`` is "auto": autocast would otherwise cast every frozen weight to
+    bf16 on every step. fp16 autocast keeps them as loaded (an fp16 VAE/UNet can overflow).
+    """
+    if config.train.frozen_weights == "auto" and autocast_dtype(config, device) == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def _host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU-drawn tensor to ``device``; on CUDA through pinned memory, without blocking."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class ConceptTrainer:
     """Holds the state of one training run; :func:`train_concept` drives it."""
 
@@ -185,12 +213,17 @@ class ConceptTrainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.amp_dtype = autocast_dtype(config, self.device)
-        self.loss_history: list[dict[str, float]] = []
+        self.frozen_dtype = frozen_weight_dtype(config, self.device)
+        self._logged: list[dict[str, float]] = []
+        # per-step loss values kept on the device, converted in one transfer when read
+        self._pending_losses: list[tuple[tuple[str, ...], Tensor]] = []
         self._handles: list[EmbeddingHandle | ProcessorHandle] = []
         self._install(data)
         self._precompute(data)
         for extension in self.extensions:
             extension.install(self, data)
+        if self.frozen_dtype is not None:  # after every set-up encode: those stay float32
+            self.components.vae.to(self.frozen_dtype)
         params = self.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             params, lr=config.train.learning_rate,
@@ -205,11 +238,19 @@ class ConceptTrainer:
         self.token_id, initial = add_placeholder_token(
             c.tokenizer, c.text_encoder, tcfg.placeholder_token, tcfg.initializer_token)
         c.to(self.device)
+        if self.frozen_dtype is not None:  # before any processor (trainable) is installed
+            c.text_encoder.to(self.frozen_dtype)  # table rows keep their values, in bf16
+            c.unet.to(self.frozen_dtype)
         self.embeddings = PlaceholderEmbeddings(
             initial, frequency_decomposed=self.method.fdte).to(self.device)
         self._handles.append(install_placeholder_embeddings(c.text_encoder, self.token_id,
                                                             self.embeddings))
-        self.capture = CrossAttentionCapture() if self.method.xattn_loss else None
+        self.capture = None
+        if self.method.xattn_loss:
+            resolution = self.config.losses.xattn_resolution
+            latent_side = c.latent_size(data.images.shape[-1])
+            has_grid = resolution in cross_attention_sides(c.unet, latent_side).values()
+            self.capture = CrossAttentionCapture(resolution if has_grid else None)
         self.kv_handle: ProcessorHandle | None = None
         if self.method.train_kv or self.capture is not None:
             self.kv_handle = install_custom_kv(c.unet, train_kv=self.method.train_kv,
@@ -285,28 +326,31 @@ class ConceptTrainer:
 
     # ------------------------------------------------------------------ the step
     def _draw_latents(self, dist: tuple[Tensor, Tensor], indices: Tensor) -> Tensor:
+        """indices: (n,) long on the device → (n, C, h, w) latents; ε drawn on the CPU generator."""
         mean, std = dist[0][indices], dist[1][indices]
-        eps = torch.randn(mean.shape, generator=self.generator).to(self.device)
+        eps = _host_to_device(torch.randn(mean.shape, generator=self.generator), self.device)
         return mean + std * eps
 
     def _draw_batch(self) -> StepBatch:
         tcfg, gen = self.config.train, self.generator
         bi, bp = tcfg.instance_batch, self.prior_batch
-        indices = torch.randint(self.instance_count, (bi,), generator=gen)
+        # the draw order on the CPU generator is fixed (resumed runs replay it bit-identically)
+        instance_indices = _host_to_device(
+            torch.randint(self.instance_count, (bi,), generator=gen), self.device)
         bands = (sample_bands(bi, self.config.frequency, gen) if self.method.fdte
                  else (Band.FULL,) * bi)
-        per_band = [self._draw_latents(self.instance_latents[b], indices[i:i + 1])
+        per_band = [self._draw_latents(self.instance_latents[b], instance_indices[i:i + 1])
                     for i, b in enumerate(bands)]
         latents = torch.cat(per_band)
-        prior_indices = torch.empty(0, dtype=torch.long)
+        prior_indices = torch.empty(0, dtype=torch.long, device=self.device)
         if bp:
-            prior_indices = torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen)
+            prior_indices = _host_to_device(
+                torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen), self.device)
             latents = torch.cat([latents, self._draw_latents(self.prior_latents, prior_indices)])
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        noise = _host_to_device(torch.randn(latents.shape, generator=gen), self.device)
         scheduler = self.components.noise_scheduler
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (bi + bp,),
-                                  generator=gen).to(self.device)
-        instance_indices = indices.to(self.device)
+        timesteps = _host_to_device(torch.randint(scheduler.config.num_train_timesteps,
+                                                  (bi + bp,), generator=gen), self.device)
         masks = self.latent_masks[instance_indices]
         if self.method.mgdp:
             noisy_inst = masked_noising(latents[:bi], noise[:bi], timesteps[:bi], masks,
@@ -317,7 +361,7 @@ class ConceptTrainer:
                                                            timesteps[bi:])])
         return StepBatch(self.step, instance_indices, bands, timesteps, noise, noisy, masks,
                          encoder_states=torch.empty(0), instance_count=bi,
-                         prior_indices=prior_indices.to(self.device))
+                         prior_indices=prior_indices)
 
     def _targets(self, batch: StepBatch) -> Tensor:
         scheduler = self.components.noise_scheduler
@@ -372,9 +416,26 @@ class ConceptTrainer:
         for extension in self.extensions:
             extension.after_step()
         self.step += 1
-        logged = losses.to_log()
-        self.loss_history.append(logged)
-        return StepResult(self.step, self.total_steps, logged, batch.bands)
+        names, values = losses.stacked()
+        self._pending_losses.append((names, values))
+        return StepResult(self.step, self.total_steps, names, values, batch.bands)
+
+    @property
+    def loss_history(self) -> list[dict[str, float]]:
+        """Logged losses of every finished step, one dict per step (see :attr:`StepResult.losses`).
+
+        Steps keep their values on the device; reading the history converts all pending ones
+        in a single transfer (so the step itself never waits for the device).
+        """
+        if self._pending_losses:
+            flat = torch.cat([values for _, values in self._pending_losses]).tolist()
+            start = 0
+            for names, _ in self._pending_losses:
+                self._logged.append(dict(zip(names, flat[start:start + len(names)],
+                                             strict=True)))
+                start += len(names)
+            self._pending_losses = []
+        return list(self._logged)
 
     # ------------------------------------------------------------------ state
     def learned_tensors(self) -> dict[str, Tensor]:
@@ -408,7 +469,8 @@ class ConceptTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
-        self.loss_history = list(state["loss_history"])
+        self._logged = list(state["loss_history"])
+        self._pending_losses = []
 
     def remove(self) -> None:
         """Uninstall hooks and processors: the base model is as it was loaded (plus the token)."""
@@ -453,10 +515,12 @@ class Checkpointer(TrainingCallback):
 
 
 class ProgressBar(TrainingCallback):
-    """A tqdm bar with the running loss (shown on a terminal, quiet in logs otherwise)."""
+    """A tqdm bar with the loss of every ``loss_every``-th step (shown on a terminal, quiet in
+    logs otherwise)."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, loss_every: int = 25) -> None:
         self.description = description
+        self.loss_every = loss_every  # the shown loss is read (a device sync) this often
         self._bar = None
 
     def on_start(self, start_step: int, total_steps: int) -> None:
@@ -467,7 +531,8 @@ class ProgressBar(TrainingCallback):
 
     def on_step(self, result: StepResult, trainer: ConceptTrainer) -> None:
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{result.losses['loss']:.4f}")
+        if result.step % self.loss_every == 0 or result.step == result.total_steps:
+            self._bar.set_postfix(loss=f"{result.losses['loss']:.4f}")  # synchronises
 
     def on_end(self, trainer: ConceptTrainer) -> None:
         self._bar.close()
