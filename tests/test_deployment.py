@@ -1,0 +1,112 @@
+"""The deployments of deployments/prefect.yaml: registered with ``prefect deploy`` on the session's
+Prefect server, run by a process worker, triggered through the API as the UI does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUN_TIMEOUT_S = 600.0
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _start_worker(pool: str, log: Path) -> subprocess.Popen:
+    """``prefect worker start`` with this process's environment (the fixture's API and home),
+    polling every second; in its own process group so its flow runs stop with it."""
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no log)"
+
+
+def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.deploy import PROJECT_ROOT, WORK_POOL, deploy_all, ensure_work_pool
+
+    ensure_work_pool(WORK_POOL)
+    worker_log = tmp_path / "worker.log"
+    worker = _start_worker(WORK_POOL, worker_log)  # starts up while the deployments register
+    try:
+        names = deploy_all(WORK_POOL)
+        assert names == ["customize-dataset/customize-dataset",
+                         "customize-dataset/nightly-reevaluation"]
+        store = tmp_path / "store"
+        params = {"dataset": "demo", "subjects": ["red_ball"], "methods": ["textual-inversion"],
+                  "steps": 2, "images_per_prompt": 1, "max_prompts": 1, "base_model": "tiny",
+                  "storage_url": str(store), "compute": "local", "run_id": "deploytest",
+                  "overrides": {"sample.steps": 2}}
+        with get_client(sync_client=True) as client:
+            nightly = client.read_deployment_by_name(names[1])
+            assert nightly.paused and nightly.work_pool_name == WORK_POOL
+            assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [
+                ("0 2 * * *", False)]
+            assert not client.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[nightly.id])))  # paused: nothing scheduled
+
+            deployment = client.read_deployment_by_name(names[0])
+            assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                              {"directory": str(PROJECT_ROOT)}}]
+            assert deployment.parameters["params"]["base_model"] == "tiny"
+            run = client.create_flow_run_from_deployment(deployment.id,
+                                                         parameters={"params": params})
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while True:
+                run = client.read_flow_run(run.id)
+                if run.state and run.state.type.value in FINAL:
+                    break
+                assert worker.poll() is None, f"the worker exited:\n{_tail(worker_log)}"
+                assert time.monotonic() < deadline, (
+                    f"flow run still {run.state.name if run.state else None} after "
+                    f"{RUN_TIMEOUT_S:.0f} s:\n{_tail(worker_log)}")
+                time.sleep(1.0)
+        assert run.state.is_completed(), f"{run.state}:\n{_tail(worker_log)}"
+        assert run.work_pool_name == WORK_POOL and run.deployment_id == deployment.id
+    finally:
+        _stop(worker)
+
+    record = json.loads((store / "runs" / "deploytest" / "run.json").read_text())
+    assert record["status"] == {"red_ball": "done", "red_ball/textual-inversion": "done"}
+    assert record["params"]["compute"] == "local"
+    sample_dir = store / "runs" / "deploytest" / "samples" / "red_ball" / "textual-inversion"
+    assert (sample_dir / "00_0.png").is_file() and (sample_dir / "_SUCCESS.json").is_file()
+    assert (store / "runs" / "deploytest" / "report" / "report.html").is_file()
+
+
+def test_serve_builds_the_declared_deployments(monkeypatch):
+    """deployments/serve.py serves the same declarations (no server needed to build them)."""
+    from flows.deploy import PROJECT_ROOT, runner_deployments
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    served = {d.name: d for d in runner_deployments()}
+    assert set(served) == {"customize-dataset", "nightly-reevaluation"}
+    for deployment in served.values():
+        assert deployment.entrypoint == "flows/customize.py:customize_dataset"
+        assert deployment.parameters["params"]["dataset"] == "demo"
+    assert not served["customize-dataset"].paused and not served["customize-dataset"].schedules
+    nightly = served["nightly-reevaluation"]
+    assert nightly.paused
+    assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", False)]
+    assert nightly.parameters["params"]["run_id"] == "nightly-demo"
