@@ -24,6 +24,7 @@ those count as its overhead. A Prefect server is started on a free port with a t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -106,17 +107,24 @@ def direct_stages(params: Any) -> dict[str, bool]:
             skipped[f"{subject.name}/{method.name}"] = stages.train(
                 ctx, subject.name, subject.class_noun, method,
                 prior_prefix=priors.get(subject.class_noun)).skipped
-    generator = ConceptGenerator.from_pretrained(base_model, config.sample, config.rra,
-                                                 device="cpu", local_files_only=True)
+    @functools.cache
+    def generator() -> ConceptGenerator:  # loaded once, and only if something is to draw
+        return ConceptGenerator.from_pretrained(base_model, config.sample, config.rra,
+                                                device="cpu", local_files_only=True)
+
+    @functools.cache
+    def scorers() -> tuple[CLIPScorer, DINOScorer]:
+        return (CLIPScorer(config.eval.clip_model, config.eval.clip_pretrained, device="cpu",
+                           batch_size=config.eval.batch_size),
+                DINOScorer(config.eval.dino_model, device="cpu",
+                           batch_size=config.eval.batch_size))
+
     for subject in subjects:
         prompts = evaluation_prompts(dataset, subject, params, config)
         for method in config.methods:
             stages.generate(ctx, generator, subject, method.name, prompts)
-    clip = CLIPScorer(config.eval.clip_model, config.eval.clip_pretrained, device="cpu",
-                      batch_size=config.eval.batch_size)
-    dino = DINOScorer(config.eval.dino_model, device="cpu", batch_size=config.eval.batch_size)
     for subject in subjects:
-        stages.score(ctx, clip, dino, subject, [m.name for m in config.methods])
+        stages.score(ctx, scorers, subject, [m.name for m in config.methods])
     stages.report(ctx)
     return skipped
 

@@ -330,12 +330,14 @@ def _reference_image(store: ArtifactStore, run_id: str, subject: str,
     return pil_to_tensor(image)
 
 
-def generate(ctx: RunContext, generator: ConceptGenerator, subject: Subject, method: str,
-             prompts: Sequence[str], *, progress: Progress | None = None) -> StageResult:
+def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject: Subject,
+             method: str, prompts: Sequence[str], *,
+             progress: Progress | None = None) -> StageResult:
     """Draw ``images_per_prompt`` images per prompt with the trained concept.
 
     ``prompts`` hold the placeholder token already. Seeds depend on (subject, prompt, k) only,
-    so every method is drawn on identical noise.
+    so every method is drawn on identical noise. ``generator`` gives the (usually cached)
+    generator; it is only called when there is work to do, so a rerun loads no model.
     """
     store = ctx.store()
     prefix = samples_prefix(ctx.run_id, subject.name, method)
@@ -356,7 +358,7 @@ def generate(ctx: RunContext, generator: ConceptGenerator, subject: Subject, met
         images = []
         for start in range(0, len(requests), sample.batch_size):
             chunk = requests[start:start + sample.batch_size]
-            images += generator.generate(concept, chunk, reference_image=reference)
+            images += generator().generate(concept, chunk, reference_image=reference)
             if progress is not None:
                 progress(len(images), len(requests))
         out = Path(scratch) / "samples"
@@ -414,11 +416,13 @@ def _generated_images(store: ArtifactStore, prefix: str) -> list[ScoredImage]:
     return images
 
 
-def score(ctx: RunContext, clip: CLIPScorer, dino: DINOScorer, subject: Subject,
-          methods: Sequence[str], *, cache: FeatureCache | None = None) -> StageResult:
+def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
+          subject: Subject, methods: Sequence[str], *,
+          cache: FeatureCache | None = None) -> StageResult:
     """CLIP-I, CLIP-T and DINO for every method of one subject, plus the real-images bound.
 
-    Real-image features are computed once for the subject (and cached in the store)."""
+    Real-image features are computed once for the subject (and cached in the store).
+    ``scorers`` gives the (usually cached) scorers, called only when something is unscored."""
     store = ctx.store()
     cache = cache or store_feature_cache(store)
     pre_record = store.read_marker(preprocess_prefix(ctx.run_id, subject.name))
@@ -440,6 +444,7 @@ def score(ctx: RunContext, clip: CLIPScorer, dino: DINOScorer, subject: Subject,
         if store.is_done(prefix, expect_hash=digest):
             skipped.append(method)
             continue
+        clip, dino = scorers()
         real = real or real_features(_real_images(store, ctx.run_id, subject.name), clip, dino,
                                      cache)
         common = {"run_id": ctx.run_id, "subject": subject.name,

@@ -145,6 +145,29 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy_all
+    from flows.server import ensure_server
+
+    if not args.no_server:
+        ensure_server()
+    for name in deploy_all(work_pool=args.work_pool):
+        logger.info("deployed %s", name)
+    logger.info("start a worker: prefect worker start --pool %s --type process", args.work_pool)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve_all
+    from flows.server import ensure_server
+
+    if not args.no_server:
+        server = ensure_server()
+        logger.info("Prefect UI: %s — trigger runs from Deployments", server.ui_url)
+    serve_all()
+    return 0
+
+
 # --------------------------------------------------------------------------- concepts
 
 def _cmd_concept_generate(args: argparse.Namespace) -> int:
@@ -231,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("action", choices=["start", "stop", "status"])
     server.add_argument("--port", type=int, default=4200)
     server.set_defaults(handler=_cmd_server)
+
+    deploy = commands.add_parser(
+        "deploy", help="create the deployments of deployments/prefect.yaml on a process pool",
+        description="Creates the work pool if missing and the customize-dataset and "
+                    "nightly-reevaluation deployments; start a worker to run them.")
+    deploy.add_argument("--work-pool", default="eqdiff-process")
+    deploy.add_argument("--no-server", action="store_true",
+                        help="use PREFECT_API_URL instead of a local server")
+    deploy.set_defaults(handler=_cmd_deploy)
+
+    serve = commands.add_parser(
+        "serve", help="serve the deployments from this process (no pool or worker needed)")
+    serve.add_argument("--no-server", action="store_true",
+                       help="use PREFECT_API_URL instead of a local server")
+    serve.set_defaults(handler=_cmd_serve)
 
     concept = commands.add_parser("concept", help="use a trained concept")
     concept_commands = concept.add_subparsers(dest="concept_command", required=True)

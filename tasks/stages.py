@@ -83,16 +83,18 @@ def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method:
 def generate_images(ctx: stages.RunContext, subject: Subject, method: str,
                     prompts: list[str]) -> dict:
     progress = PrefectProgress(f"generating {subject.name}/{method}")
-    generator = concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
-                                  local_files_only=ctx.config.model.local_files_only)
+
+    def generator():  # noqa: ANN202 - ConceptGenerator, loaded only when needed
+        return concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
+                                 local_files_only=ctx.config.model.local_files_only)
+
     return _record(stages.generate(ctx, generator, subject, method, prompts,
                                    progress=progress.update))
 
 
 @task(name="score-subject", **COMMON)
 def score_subject(ctx: stages.RunContext, subject: Subject, methods: list[str]) -> dict:
-    clip, dino = scorers(ctx.config.eval)
-    return _record(stages.score(ctx, clip, dino, subject, methods))
+    return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
 
 
 @task(name="build-report", **COMMON)
