@@ -46,8 +46,12 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def server_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "PREFECT_HOME": str(home),
+def server_env(home: Path, port: int) -> dict[str, str]:
+    """The server's environment; its UI is told its own API address (by default it points
+    at port 4200, whatever port the server listens on)."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": api_url,
+            "PREFECT_SERVER_UI_API_URL": api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PREFECT_UI_ENABLED": "true"}
@@ -74,7 +78,7 @@ def ensure_server(port: int = DEFAULT_PORT, home: Path = DEFAULT_HOME,
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
          "--port", str(port)],
-        env=server_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=server_env(home, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (home / "server.pid").write_text(str(process.pid))
     logger.info("starting a Prefect server on %s (log: %s)", api_url, home / "server.log")
     deadline = time.monotonic() + timeout

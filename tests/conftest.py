@@ -127,3 +127,9 @@ def ray_local(prefect_server: str, aws_test_env: dict[str, str]) -> Iterator[Non
             yield
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_zoo: dict) -> str:
+    """The tiny offline SD pipeline folder (seed 0), shared by the whole session."""
+    return str(tiny_zoo["base"])

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from synthetic import RESOLUTION
+from synthetic import random_concept_data as make_data
 
 from eqdiff.concept import ConceptError, apply_concept, load_concept, save_concept
 from eqdiff.config import RunConfig, TrainConfig, method_preset, with_overrides
@@ -24,24 +26,7 @@ from eqdiff.reference import (
     training_extensions,
     unit_clamp,
 )
-from eqdiff.training import ConceptData, TrainingCallback, train_concept
-from eqdiff.zoo import build_tiny_sd
-
-RESOLUTION = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return str(build_tiny_sd(tmp_path_factory.mktemp("zoo") / "tiny-sd", seed=0))
-
-
-def make_data(n_images=3, n_prior=2, seed=0) -> ConceptData:
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(n_images, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    masks = torch.zeros(n_images, 1, RESOLUTION, RESOLUTION)
-    masks[:, :, 16:48, 12:40] = 1
-    prior = torch.rand(n_prior, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    return ConceptData("ball", "ball", images, masks, prior)
+from eqdiff.training import TrainingCallback, train_concept
 
 
 def config(steps=2) -> RunConfig:
@@ -221,14 +206,14 @@ def test_eqdiff_trains_with_rra_and_round_trips_the_concept(tiny_sd, tmp_path):
     method = method_preset("eqdiff")
     cfg = config(steps=2)
     with pytest.raises(ValueError, match="residual reference attention"):
-        train_concept(load_sd_components(tiny_sd, local_files_only=True), make_data(), cfg,
+        train_concept(load_sd_components(tiny_sd, local_files_only=True), make_data(n_prior=2), cfg,
                       method)
     components = load_sd_components(tiny_sd, local_files_only=True)
     unet_before = {k: v.clone() for k, v in components.unet.state_dict().items()}
     processors_before = {k: type(v) for k, v in components.unet.attn_processors.items()}
     [extension] = training_extensions(cfg.rra, method)
     watch = BankWatch(extension)
-    trained = train_concept(components, make_data(), cfg, method, extensions=[extension],
+    trained = train_concept(components, make_data(n_prior=2), cfg, method, extensions=[extension],
                             callbacks=[watch])
     assert watch.sizes == [0, 0]  # the bank is emptied after every step
     assert all("loss/rra" in h for h in trained.loss_history)
@@ -259,8 +244,8 @@ def test_rra_without_loss_and_without_prior(tiny_sd):
                                                       "prior_preservation": False})
     cfg = config(steps=1)
     extension = RRAExtension(cfg.rra, method)
-    trained = train_concept(load_sd_components(tiny_sd, local_files_only=True), make_data(),
-                            cfg, method, extensions=[extension])
+    trained = train_concept(load_sd_components(tiny_sd, local_files_only=True),
+                            make_data(n_prior=2), cfg, method, extensions=[extension])
     assert "loss/rra" not in trained.loss_history[0]
     assert extension.handle is None and extension.reference_unet is None
     assert any(k.startswith(RRA_PREFIX) for k in trained.tensors)
@@ -272,9 +257,9 @@ def test_rra_resume_equals_uninterrupted_run(tiny_sd, tmp_path):
     cfg = config(steps=4)
 
     def run(**kwargs):
-        return train_concept(load_sd_components(tiny_sd, local_files_only=True), make_data(),
-                             cfg, method, extensions=training_extensions(cfg.rra, method),
-                             **kwargs)
+        return train_concept(load_sd_components(tiny_sd, local_files_only=True),
+                             make_data(n_prior=2), cfg, method,
+                             extensions=training_extensions(cfg.rra, method), **kwargs)
 
     straight = run()
     run(checkpoint_dir=tmp_path, stop_after=2)

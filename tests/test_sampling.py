@@ -27,15 +27,10 @@ from eqdiff.sampling import (
     read_png_metadata,
 )
 from eqdiff.training import ConceptData, train_concept
-from eqdiff.zoo import build_tiny_sd
 
 RESOLUTION = 64
 SAMPLE = SampleConfig(steps=2, resolution=RESOLUTION, batch_size=4)
 
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return str(build_tiny_sd(tmp_path_factory.mktemp("zoo") / "tiny-sd", seed=0))
 
 
 @pytest.fixture(scope="module")

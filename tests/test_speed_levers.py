@@ -3,29 +3,14 @@ bf16, no host synchronisation in the step, cross-attention capture only where th
 
 import pytest
 import torch
+from synthetic import RESOLUTION
+from synthetic import random_concept_data as make_data
 
 from eqdiff.attention import CrossAttentionCapture, cross_attention_sides, install_custom_kv
 from eqdiff.config import RunConfig, TrainConfig, method_preset
 from eqdiff.embeddings import PlaceholderEmbeddings
 from eqdiff.models import load_sd_components
-from eqdiff.training import ConceptData, ConceptTrainer, frozen_weight_dtype
-from eqdiff.zoo import build_tiny_sd
-
-RESOLUTION = 64
-
-
-def make_data() -> ConceptData:
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    masks = torch.zeros(3, 1, RESOLUTION, RESOLUTION)
-    masks[:, :, 16:48, 12:40] = 1
-    prior = torch.rand(4, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    return ConceptData("ball", "ball", images, masks, prior)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return str(build_tiny_sd(tmp_path_factory.mktemp("zoo") / "tiny-sd", seed=0))
+from eqdiff.training import ConceptTrainer, frozen_weight_dtype
 
 
 def _config(**train) -> RunConfig:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from synthetic import RESOLUTION
+from synthetic import random_concept_data as make_data
 
 from eqdiff.attention import CrossAttentionCapture, install_custom_kv
 from eqdiff.concept import ConceptError, apply_concept, load_concept, save_concept
@@ -13,28 +15,14 @@ from eqdiff.embeddings import (
     install_placeholder_embeddings,
 )
 from eqdiff.models import load_sd_components
-from eqdiff.training import ConceptData, train_concept
+from eqdiff.training import train_concept
 from eqdiff.zoo import build_tiny_sd
-
-RESOLUTION = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return str(build_tiny_sd(tmp_path_factory.mktemp("zoo") / "tiny-sd", seed=0))
 
 
 def load(tiny_sd):
     return load_sd_components(tiny_sd, local_files_only=True)
 
 
-def make_data(n_images=3, n_prior=4, seed=0) -> ConceptData:
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(n_images, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    masks = torch.zeros(n_images, 1, RESOLUTION, RESOLUTION)
-    masks[:, :, 16:48, 12:40] = 1
-    prior = torch.rand(n_prior, 3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
-    return ConceptData("ball", "ball", images, masks, prior)
 
 
 def config(steps=4, **train) -> RunConfig:
