@@ -143,4 +143,27 @@ def serve_all(prefect_file: Path = PREFECT_FILE, *, limit: int | None = None) ->
     from prefect import serve
 
     os.chdir(PROJECT_ROOT)
-    serve(*runner_deployments(prefect_file), limit=limit)
+    deployments = runner_deployments(prefect_file)
+    _drop_work_pool_deployments([f"{d.flow_name}/{d.name}" for d in deployments])
+    serve(*deployments, limit=limit)
+
+
+def _drop_work_pool_deployments(names: list[str]) -> None:
+    """Remove same-named deployments that ``deploy_all`` bound to a work pool.
+
+    Serving a deployment updates it in place but keeps the worker's pull steps, whose
+    working directory then no longer resolves: runs crash. A served deployment replaces them.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                logger.warning("replacing deployment %s (work pool %s) with a served one", name,
+                               existing.work_pool_name)
+                client.delete_deployment(existing.id)
