@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps (default: 5 tiny, 20 full)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batches-per-call", type=int, default=4,
+                        help="the 'rra xN' variant draws N batches in one call: its reference "
+                             "pass runs once per step for all of them (as the pipeline's "
+                             "generation stage does)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
     args = parser.parse_args()
     steps = args.steps or (5 if args.tiny else 20)
@@ -130,11 +134,21 @@ def main() -> None:
                 "rra": lambda r=requests: generator.generate(rra_concept, r,
                                                              reference_image=reference),
             }
+            calls = args.batches_per_call
+            images = dict.fromkeys(runs, batch)
+            if calls > 1:
+                many = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i)
+                        for i in range(batch * calls)]
+                runs[f"rra x{calls}"] = lambda r=many, b=batch: generator.generate(
+                    rra_concept, r, reference_image=reference, batch_size=b)
+                images[f"rra x{calls}"] = batch * calls
             seconds = _timed(runs, args.repeat, device)
+            per_image_pipeline = seconds["pipeline"] / batch
             for name, value in seconds.items():
                 rows.append({"batch": batch, "variant": name, "seconds": round(value, 4),
-                             "images_per_s": round(batch / value, 3),
-                             "vs_pipeline": round(seconds["pipeline"] / value, 3)})
+                             "images_per_s": round(images[name] / value, 3),
+                             "vs_pipeline": round(per_image_pipeline * images[name] / value,
+                                                  3)})
 
     table = [f"{'batch':>5} {'variant':>9} {'s/call':>9} {'img/s':>8} {'vs pipeline':>12}"]
     table += [f"{r['batch']:>5} {r['variant']:>9} {r['seconds']:>9.3f} {r['images_per_s']:>8.2f} "

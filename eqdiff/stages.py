@@ -355,12 +355,8 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
                      if concept.tensors_with_prefix(RRA_PREFIX) else None)
         requests = plan_requests(subject.name, list(prompts), sample.images_per_prompt,
                                  sample.seed)
-        images = []
-        for start in range(0, len(requests), sample.batch_size):
-            chunk = requests[start:start + sample.batch_size]
-            images += generator().generate(concept, chunk, reference_image=reference)
-            if progress is not None:
-                progress(len(images), len(requests))
+        images = generator().generate(concept, requests, reference_image=reference,
+                                      progress=progress)
         out = Path(scratch) / "samples"
         records = []
         for image in images:

@@ -102,8 +102,16 @@ def test_rra_images_do_not_depend_on_batching_and_bank_is_per_step(generator, ti
         hook.remove()
     assert calls == [1] * SAMPLE.steps  # one reference row, once per step, for 4 images × CFG
     assert len(generator.bank) == 0
-    one = generator.generate(concept, requests, reference_image=_reference_image(),
-                             batch_size=1)
+    calls.clear()
+    hook = generator.reference_unet.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[0]))
+    try:  # four batches of one: the banks of the first serve the other three
+        one = generator.generate(concept, requests, reference_image=_reference_image(),
+                                 batch_size=1)
+    finally:
+        hook.remove()
+    assert calls == [1] * SAMPLE.steps
+    assert len(generator.bank) == 0
     assert torch.allclose(_stack(four), _stack(one), atol=1e-5)
     assert [g.record["seed"] for g in four] == [r.seed for r in requests]
     assert all(g.record["concept_hash"] == concept.content_hash and g.record["rra"]
