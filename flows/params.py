@@ -20,9 +20,8 @@ from eqdiff.config import (
     StorageConfig,
     TrainConfig,
     config_hash,
-    from_dict,
     method_preset,
-    to_dict,
+    with_overrides,
 )
 
 MethodName = Literal[tuple(METHOD_PRESETS)]  # type: ignore[valid-type]
@@ -81,21 +80,15 @@ class CustomizeParams(BaseModel):
     def run_config(self, *, base_model: str, eval_models: EvalConfig | None = None,
                    resolution: int | None = None) -> RunConfig:
         """The frozen run configuration (``base_model`` resolved by the flow)."""
-        train = TrainConfig(steps=self.steps)
-        sample = SampleConfig(images_per_prompt=self.images_per_prompt)
-        if resolution is not None:
-            train = from_dict(TrainConfig, {**to_dict(train), "resolution": resolution})
-            sample = from_dict(SampleConfig, {**to_dict(sample), "resolution": resolution})
+        sized = {} if resolution is None else {"resolution": resolution}
+        train = TrainConfig(steps=self.steps, **sized)
+        sample = SampleConfig(images_per_prompt=self.images_per_prompt, **sized)
         config = RunConfig(
             model=ModelConfig(base_model=base_model, local_files_only=True),
             methods=tuple(method_preset(m) for m in self.methods), train=train, sample=sample,
             eval=eval_models or EvalConfig(),
             storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url))
-        if self.overrides:
-            from eqdiff.config import with_overrides
-
-            config = with_overrides(config, dict(self.overrides))
-        return config
+        return with_overrides(config, dict(self.overrides)) if self.overrides else config
 
     def derived_run_id(self) -> str:
         """A stable run id from the parameters that change results."""

@@ -26,7 +26,7 @@ from eqdiff.masks import mask_to_tensor
 from eqdiff.models import load_sd_components
 from eqdiff.priors import generate_class_priors
 from eqdiff.reference import training_extensions
-from eqdiff.training import ConceptData, train_concept
+from eqdiff.training import ConceptData, ProgressBar, train_concept
 from eqdiff.zoo import build_zoo
 
 
@@ -58,7 +58,8 @@ def main() -> int:
                        torch.stack(masks),
                        torch.stack([pil_to_tensor(p) for p in priors]))
     trained = train_concept(load_sd_components(base), data, config, method,
-                            extensions=training_extensions(config.rra, method))
+                            extensions=training_extensions(config.rra, method),
+                            callbacks=[ProgressBar(f"red_ball/{args.method}")])
     history = trained.loss_history
     keys = [k for k in history[0] if k.startswith("loss")]
     sys.stdout.write("| steps | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n")

@@ -9,6 +9,7 @@ decide what is already done.
 from __future__ import annotations
 
 import logging
+import sys
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,6 +18,7 @@ from eqdiff import stages
 from eqdiff.config import MethodConfig
 from eqdiff.datasets import Subject
 from eqdiff.storage import StorageUnavailableError
+from eqdiff.training import ProgressBar
 from tasks.progress import PrefectProgress
 from tasks.resources import concept_generator, device_for_task, scorers
 
@@ -74,9 +76,11 @@ def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
 def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method: MethodConfig,
                   prior_prefix: str | None) -> dict:
     progress = PrefectProgress(f"training {subject}/{method.name}")
+    callbacks = [progress.training_callback()]
+    if sys.stderr.isatty():  # a terminal (the local runner): a progress bar too
+        callbacks.append(ProgressBar(f"{subject}/{method.name}"))
     return _record(stages.train(ctx, subject, class_noun, method, prior_prefix=prior_prefix,
-                                device=device_for_task(),
-                                callbacks=[progress.training_callback()]))
+                                device=device_for_task(), callbacks=callbacks))
 
 
 @task(name="generate-images", **COMMON)

@@ -15,7 +15,7 @@ from eqdiff.embeddings import (
     install_placeholder_embeddings,
 )
 from eqdiff.models import load_sd_components
-from eqdiff.training import train_concept
+from eqdiff.training import ProgressBar, train_concept
 from eqdiff.zoo import build_tiny_sd
 
 
@@ -217,3 +217,14 @@ def test_training_lowers_the_loss_on_fixed_draws(tiny_sd):
     first = sum(h["loss/inst"] for h in trained.loss_history[:15]) / 15
     last = sum(h["loss/inst"] for h in trained.loss_history[-15:]) / 15
     assert last < first
+
+
+def test_progress_bar_follows_the_steps_of_a_resumed_run(tiny_sd, tmp_path):
+    method = method_preset("textual-inversion")
+    train_concept(load(tiny_sd), make_data(), config(steps=4), method, checkpoint_dir=tmp_path,
+                  stop_after=2)
+    bar = ProgressBar("ball", loss_every=1)
+    train_concept(load(tiny_sd), make_data(), config(steps=4), method, checkpoint_dir=tmp_path,
+                  callbacks=[bar])
+    assert (bar._bar.initial, bar._bar.n, bar._bar.total) == (2, 4, 4)
+    assert "loss" in bar._bar.postfix
