@@ -1,0 +1,29 @@
+"""A small procedural world, a base model trained on it, and evaluators that can read it.
+
+No Stable Diffusion, CLIP or DINO weights can be downloaded here, so customization quality is
+shown and measured in a world of our own: :mod:`eqdiff.toyworld.world` draws it, the models
+trained on it live under ``eqdiff/data/toyworld/`` and load through the same code paths as the
+real ones.
+"""
+
+from pathlib import Path
+
+TOY_RESOLUTION = 32
+MODELS_ROOT = Path(__file__).resolve().parent.parent / "data" / "toyworld"
+MODEL_MARKERS = {"base": "model_index.json", "clip": "open_clip_model.safetensors",
+                 "dino": "model.safetensors"}
+
+
+def toy_models(root: str | Path = MODELS_ROOT) -> dict[str, Path]:
+    """The committed toy-world models by role (``base``, ``clip``, ``dino``).
+
+    Raises ``FileNotFoundError`` naming the missing folder and the command that rebuilds it.
+    """
+    root = Path(root)
+    folders = {role: root / role for role in MODEL_MARKERS}
+    for role, folder in folders.items():
+        if not (folder / MODEL_MARKERS[role]).is_file():
+            raise FileNotFoundError(f"toy-world {role} model missing at {folder}; rebuild it with "
+                                    "`eqdiff toyworld train-base` / `eqdiff toyworld "
+                                    "train-evaluators`")
+    return folders
