@@ -92,12 +92,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    params = _params({"dataset": "demo", "base_model": "tiny", "methods": DEMO_METHODS,
-                      "steps": args.steps, "images_per_prompt": 2, "max_prompts": 4,
+    params = _params({"dataset": "toyworld", "base_model": "toy", "methods": DEMO_METHODS,
+                      "steps": args.steps, "images_per_prompt": 2,
                       "storage_url": args.store,
                       "compute": "local" if args.local else "ray", "run_id": args.run_id,
-                      "overrides": {"train.num_prior_images": 8, "sample.steps": 25,
-                                    "train.checkpoint_every": 50}})
+                      "overrides": {"train.num_prior_images": 16, "sample.steps": 25,
+                                    "train.checkpoint_every": 100}})
     record = _run_flow(params, start_server=not args.no_server)
     code = _summarise(record)
     logger.info("demo finished in %.0f s", time.perf_counter() - started)
@@ -126,6 +126,50 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     for role, folder in build_zoo(args.folder).items():
         logger.info("%s: %s", role, folder.resolve())
+    return 0
+
+
+# --------------------------------------------------------------------------- the toy world
+
+def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
+    from eqdiff.toyworld.base_model import BaseTrainConfig, train_base_model
+
+    cfg = BaseTrainConfig(seed=args.seed, corpus_size=args.corpus_size, vae_steps=args.vae_steps,
+                          unet_steps=args.unet_steps, threads=args.threads)
+    record = train_base_model(args.out, cfg)
+    logger.info("trained in %.0f s: %s", record["timings"]["total_s"], args.out)
+    return 0
+
+
+def _cmd_toyworld_train_evaluators(args: argparse.Namespace) -> int:
+    from eqdiff.toyworld.evaluators import EvaluatorConfig, train_evaluators
+
+    record = train_evaluators(args.out, EvaluatorConfig(seed=args.seed))
+    logger.info("evaluators written to %s: %s", args.out, record.get("accuracy", {}))
+    return 0
+
+
+def _cmd_toyworld_card(args: argparse.Namespace) -> int:
+    from eqdiff.toyworld.card import write_model_card
+
+    logger.info("model card: %s", write_model_card(args.models))
+    return 0
+
+
+def _cmd_toyworld_benchmark(args: argparse.Namespace) -> int:
+    from flows.toy_benchmark import ToyBenchmarkParams, toy_benchmark
+
+    if not args.no_server:
+        from flows.server import ensure_server
+
+        ensure_server()
+    defaults = ToyBenchmarkParams()
+    params = ToyBenchmarkParams(seeds=args.seeds, methods=args.methods or defaults.methods,
+                                steps=args.steps, images_per_prompt=args.images,
+                                storage_url=args.store,
+                                compute="ray" if args.ray else "local", out=args.out)
+    result = toy_benchmark(params)
+    sys.stdout.write(Path(result["summary"]).read_text("utf-8"))
     return 0
 
 
@@ -225,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     demo = commands.add_parser(
-        "demo", help="the whole job on the synthetic demo dataset with tiny offline models",
-        description="Starts a local Prefect server and local Ray if needed, draws the "
-                    "synthetic demo dataset, customizes it with EqDiff and Custom Diffusion, "
-                    "evaluates and writes the report. Finished stages are skipped on a rerun.")
+        "demo", help="the whole job on the toy world with its trained offline models",
+        description="Starts a local Prefect server and local Ray if needed, draws the toy "
+                    "world's novel subjects, customizes them with EqDiff and Custom Diffusion "
+                    "on the toy base model, evaluates with the toy CLIP and DINO stand-in and "
+                    "writes the report. Finished stages are skipped on a rerun.")
     demo.add_argument("--store", default="./artifacts",
                       help="artifact store: a folder, file:///… or s3://bucket/prefix")
-    demo.add_argument("--steps", type=int, default=120, help="training steps per concept")
+    demo.add_argument("--steps", type=int, default=250, help="training steps per concept")
     demo.add_argument("--run-id", default="demo", help="name of the run in the store")
     demo.add_argument("--local", action="store_true", help="run tasks in this process, no Ray")
     demo.add_argument("--no-server", action="store_true",
@@ -288,6 +333,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--resolution", type=int, default=512)
     generate.add_argument("--out", default="generated")
     generate.set_defaults(handler=_cmd_concept_generate)
+
+    toy = commands.add_parser(
+        "toyworld", help="the toy world: train its base model and evaluators, its benchmark")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    from eqdiff.toyworld import MODELS_ROOT
+
+    train_base = toy_commands.add_parser(
+        "train-base", help="train the toy base model from scratch (about 45 min on 2 cores)")
+    train_base.add_argument("--out", default=str(MODELS_ROOT / "base"))
+    train_base.add_argument("--seed", type=int, default=0)
+    train_base.add_argument("--corpus-size", type=int, default=20_000)
+    train_base.add_argument("--vae-steps", type=int, default=800)
+    train_base.add_argument("--unet-steps", type=int, default=3_600)
+    train_base.add_argument("--threads", type=int, default=2)
+    train_base.set_defaults(handler=_cmd_toyworld_train_base)
+    train_eval = toy_commands.add_parser(
+        "train-evaluators", help="train the toy CLIP and DINO stand-in (about 15 min)")
+    train_eval.add_argument("--out", default=str(MODELS_ROOT))
+    train_eval.add_argument("--seed", type=int, default=0)
+    train_eval.set_defaults(handler=_cmd_toyworld_train_evaluators)
+    card = toy_commands.add_parser(
+        "card", help="sample grids, loss curves and evaluator checks into the model card")
+    card.add_argument("--models", default=str(MODELS_ROOT))
+    card.set_defaults(handler=_cmd_toyworld_card)
+    bench = toy_commands.add_parser(
+        "benchmark", help="EqDiff, its ablations and the baselines on the toy world, per seed",
+        description="Runs the customize-dataset flow once per seed on the toyworld dataset "
+                    "and summarises scores by method and by what the prompt changes.")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    bench.add_argument("--methods", nargs="+", default=None)
+    bench.add_argument("--steps", type=int, default=300)
+    bench.add_argument("--images", type=int, default=4, help="images per prompt")
+    bench.add_argument("--store", default="./artifacts")
+    bench.add_argument("--out", default="artifacts/toy-benchmark")
+    bench.add_argument("--ray", action="store_true", help="run tasks on Ray (default: local)")
+    bench.add_argument("--no-server", action="store_true",
+                       help="do not start a local Prefect server")
+    bench.set_defaults(handler=_cmd_toyworld_benchmark)
 
     zoo = commands.add_parser("zoo", help="build the tiny offline models into a folder")
     zoo.add_argument("folder", nargs="?", default="artifacts/zoo")

@@ -164,7 +164,12 @@ def evaluate(ctx: RunContext, methods_by_subject: dict[str, tuple[Subject, list[
 # --------------------------------------------------------------------------- the parent flow
 
 def resolve_dataset(params: CustomizeParams, workdir: Path) -> Dataset:
-    """The dataset folder, or the synthetic demo dataset drawn into ``workdir``."""
+    """The dataset folder, or a built-in one drawn into ``workdir``: ``toyworld`` (the toy
+    world's novel subjects with context and style prompts) or ``demo`` (three painted objects)."""
+    if params.dataset == "toyworld":
+        from eqdiff.toyworld.dataset import write_toy_dataset
+
+        return load_dataset(write_toy_dataset(workdir / "toyworld-dataset"))
     if params.dataset == "demo":
         from eqdiff.demo_data import write_demo_dataset
 
@@ -173,13 +178,29 @@ def resolve_dataset(params: CustomizeParams, workdir: Path) -> Dataset:
 
 
 def resolve_base_model(params: CustomizeParams, workdir: Path) -> tuple[str, dict[str, str]]:
-    """The base model (``tiny`` → the offline zoo's tiny SD) and the metric models to use."""
+    """The base model and the metric models to use (none: the configured ones).
+
+    ``toy`` is the toy world's trained model with its evaluators (committed in the package);
+    ``tiny`` the offline zoo's random tiny SD with random evaluators (for tests).
+    """
+    if params.base_model == "toy":
+        from eqdiff.toyworld import toy_models
+
+        toy = toy_models()
+        return str(toy["base"]), {"clip": str(toy["clip"]), "dino": str(toy["dino"])}
     if params.base_model != "tiny":
         return params.base_model, {}
     from eqdiff.zoo import build_zoo
 
     zoo = build_zoo(workdir / "zoo")
     return str(zoo["base"]), {"clip": str(zoo["clip"]), "dino": str(zoo["dino"])}
+
+
+def offline_resolution(base_model: str) -> int | None:
+    """Image size of the built-in offline models (None: the config's, for real models)."""
+    from eqdiff.toyworld import TOY_RESOLUTION
+
+    return {"toy": TOY_RESOLUTION, "tiny": 64}.get(base_model)
 
 
 def select_subjects(dataset: Dataset, wanted: Iterable[str]
@@ -203,11 +224,10 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
     run_id = params.derived_run_id()
     base_model, metric_models = resolve_base_model(params, workdir)
     dataset = resolve_dataset(params, workdir)
-    tiny = params.base_model == "tiny"
     eval_models = (EvalConfig(clip_model=metric_models["clip"], clip_pretrained="",
-                              dino_model=metric_models["dino"]) if tiny else None)
+                              dino_model=metric_models["dino"]) if metric_models else None)
     config = params.run_config(base_model=base_model, eval_models=eval_models,
-                               resolution=64 if tiny else None)
+                               resolution=offline_resolution(params.base_model))
     store = store_from_config(config.storage)
     store.check()
     for problem in dataset.problems:

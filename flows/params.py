@@ -34,8 +34,9 @@ class CustomizeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        "demo", description="Dataset folder (DreamBench layout or plain folders + subjects.csv)"
-                            ", or 'demo' for the built-in synthetic dataset")
+        "toyworld", description="Dataset folder (DreamBench layout or plain folders + "
+                                "subjects.csv), 'toyworld' for the toy world's novel subjects or "
+                                "'demo' for three painted objects")
     subjects: list[str] = Field(default_factory=list,
                                 description="Only these subjects (empty: all)")
     methods: list[MethodName] = Field(  # type: ignore[valid-type]
@@ -47,8 +48,9 @@ class CustomizeParams(BaseModel):
     max_prompts: int = Field(0, ge=0, description="Use only the first N prompts (0: all)")
     images_per_prompt: int = Field(4, ge=1, le=64)
     base_model: str = Field(ModelConfig().base_model,
-                            description="Diffusers folder or hub id of an SD-1.x model; 'tiny' "
-                                        "for the offline test model")
+                            description="Diffusers folder or hub id of an SD-1.x model; 'toy' "
+                                        "for the toy world's trained model and evaluators, "
+                                        "'tiny' for the random offline test model")
     storage_url: str = Field("./artifacts", description="Folder, file:///… or s3://bucket/prefix")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS)")
     compute: Literal["ray", "local"] = Field("ray", description="Ray cluster or this process")

@@ -51,7 +51,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
     worker = _start_worker(WORK_POOL, worker_log)  # starts up while the deployments register
     try:
         names = deploy_all(WORK_POOL)
-        assert names == ["customize-dataset/customize-dataset",
+        assert names == ["customize-dataset/customize-dataset", "toy-benchmark/toy-benchmark",
                          "customize-dataset/nightly-reevaluation"]
         store = tmp_path / "store"
         params = {"dataset": "demo", "subjects": ["red_ball"], "methods": ["textual-inversion"],
@@ -59,7 +59,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
                   "storage_url": str(store), "compute": "local", "run_id": "deploytest",
                   "overrides": {"sample.steps": 2}}
         with get_client(sync_client=True) as client:
-            nightly = client.read_deployment_by_name(names[1])
+            nightly = client.read_deployment_by_name(names[2])
             assert nightly.paused and nightly.work_pool_name == WORK_POOL
             assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [
                 ("0 2 * * *", False)]
@@ -69,7 +69,9 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
             deployment = client.read_deployment_by_name(names[0])
             assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                               {"directory": str(PROJECT_ROOT)}}]
-            assert deployment.parameters["params"]["base_model"] == "tiny"
+            assert deployment.parameters["params"]["base_model"] == "toy"
+            benchmark = client.read_deployment_by_name(names[1])
+            assert benchmark.parameters["params"]["seeds"] == [0, 1, 2]
             run = client.create_flow_run_from_deployment(deployment.id,
                                                          parameters={"params": params})
             deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -101,10 +103,11 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
 
     monkeypatch.chdir(PROJECT_ROOT)
     served = {d.name: d for d in runner_deployments()}
-    assert set(served) == {"customize-dataset", "nightly-reevaluation"}
+    assert set(served) == {"customize-dataset", "nightly-reevaluation", "toy-benchmark"}
+    assert served.pop("toy-benchmark").entrypoint == "flows/toy_benchmark.py:toy_benchmark"
     for deployment in served.values():
         assert deployment.entrypoint == "flows/customize.py:customize_dataset"
-        assert deployment.parameters["params"]["dataset"] == "demo"
+        assert deployment.parameters["params"]["dataset"] == "toyworld"
     assert not served["customize-dataset"].paused and not served["customize-dataset"].schedules
     nightly = served["nightly-reevaluation"]
     assert nightly.paused
