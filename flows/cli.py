@@ -134,8 +134,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
     from eqdiff.toyworld.base_model import BaseTrainConfig, train_base_model
 
-    cfg = BaseTrainConfig(seed=args.seed, corpus_size=args.corpus_size, vae_steps=args.vae_steps,
-                          unet_steps=args.unet_steps, threads=args.threads)
+    chosen = {name: getattr(args, name) for name in ("seed", "corpus_size", "vae_steps",
+                                                      "unet_steps", "threads")}
+    cfg = BaseTrainConfig(**{k: v for k, v in chosen.items() if v is not None})
     record = train_base_model(args.out, cfg)
     logger.info("trained in %.0f s: %s", record["timings"]["total_s"], args.out)
     return 0
@@ -340,13 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     from eqdiff.toyworld import MODELS_ROOT
 
     train_base = toy_commands.add_parser(
-        "train-base", help="train the toy base model from scratch (about 45 min on 2 cores)")
+        "train-base", help="train the toy base model from scratch (under an hour on a CPU)",
+        description="Renders the corpus, trains the VAE, then the text encoder and UNet; "
+                    "writes the diffusers folder and training.json. Options left out take "
+                    "the values that trained the committed model.")
     train_base.add_argument("--out", default=str(MODELS_ROOT / "base"))
-    train_base.add_argument("--seed", type=int, default=0)
-    train_base.add_argument("--corpus-size", type=int, default=20_000)
-    train_base.add_argument("--vae-steps", type=int, default=800)
-    train_base.add_argument("--unet-steps", type=int, default=3_600)
-    train_base.add_argument("--threads", type=int, default=2)
+    for option in ("seed", "corpus-size", "vae-steps", "unet-steps", "threads"):
+        train_base.add_argument(f"--{option}", type=int, default=None)
     train_base.set_defaults(handler=_cmd_toyworld_train_base)
     train_eval = toy_commands.add_parser(
         "train-evaluators", help="train the toy CLIP and DINO stand-in (about 15 min)")

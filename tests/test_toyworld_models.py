@@ -122,3 +122,31 @@ def test_benchmark_summary_splits_by_prompt_change_with_the_seed_spread(tmp_path
     text = markdown_table(summarise(scores))
     assert "**context prompts**" in text and "| eqdiff | 0.650 ± 0.071 |" in text
     assert plot_summary(summarise(scores), tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_the_flow_customizes_a_toy_subject_with_the_toy_models(prefect_server, tmp_path) -> None:
+    """``dataset=toyworld, base_model=toy``: 32 px training and samples, scored by the toy
+    evaluators, through the ordinary flow."""
+    from PIL import Image
+
+    from flows.customize import customize_dataset
+    from flows.params import CustomizeParams
+
+    store = tmp_path / "store"
+    record = customize_dataset(CustomizeParams(
+        dataset="toyworld", subjects=["split_star"], methods=["eqdiff"], steps=3,
+        base_model="toy", images_per_prompt=1, max_prompts=2, storage_url=str(store),
+        compute="local", run_id="toytest",
+        overrides={"train.num_prior_images": 2, "sample.steps": 2,
+                   "masks.extractor": "provided"}))
+    assert record["status"]["split_star/eqdiff"] == "done"
+    run = json.loads((store / "runs" / "toytest" / "run.json").read_text())
+    assert run["config"]["train"]["resolution"] == TOY_RESOLUTION
+    assert run["config"]["eval"]["clip_model"].endswith("toyworld/clip")
+    samples = store / "runs" / "toytest" / "samples" / "split_star" / "eqdiff"
+    with Image.open(samples / "00_0.png") as image:
+        assert image.size == (TOY_RESOLUTION, TOY_RESOLUTION)
+    scores = pd.read_parquet(store / "runs" / "toytest" / "scores" / "split_star" / "eqdiff"
+                             / "scores.parquet")
+    assert len(scores[scores["seed"] >= 0]) == 2
+    assert scores[["clip_i", "clip_t", "dino"]].notna().all().all()

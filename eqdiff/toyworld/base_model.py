@@ -62,16 +62,16 @@ class BaseTrainConfig:
     corpus_size: int = 20_000
     image_size: int = DEFAULT_SIZE
     batch_size: int = 64
-    vae_steps: int = 800
+    vae_steps: int = 500
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 3_600
+    unet_steps: int = 2_400
     unet_lr: float = 1e-3
     text_lr: float = 5e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    threads: int = 2
+    threads: int = 1  # one thread: immune to OpenMP barrier stalls on a shared machine
     log_every: int = 50  # steps per loss-log entry (means over the window)
 
 
@@ -151,6 +151,7 @@ def train_vae(corpus: Corpus, cfg: BaseTrainConfig) -> tuple[AutoencoderKL, list
         optimiser, lambda s: _lr_factor(s, cfg.warmup_steps // 2, cfg.vae_steps))
     generator = torch.Generator().manual_seed(cfg.seed)
     log, running = [], []
+    started = time.perf_counter()
     for step in range(cfg.vae_steps):
         index = torch.randint(len(corpus.images), (cfg.batch_size,), generator=generator)
         pixels = _to_tensor(corpus.images[index.numpy()])
@@ -165,7 +166,8 @@ def train_vae(corpus: Corpus, cfg: BaseTrainConfig) -> tuple[AutoencoderKL, list
         schedule.step()
         running.append(mse.item())
         if (step + 1) % cfg.log_every == 0:
-            log.append({"step": step + 1, "mse": float(np.mean(running))})
+            log.append({"step": step + 1, "mse": float(np.mean(running)),
+                        "seconds": round(time.perf_counter() - started, 1)})
             logger.info("vae step %d/%d: mse %.4f", step + 1, cfg.vae_steps, log[-1]["mse"])
             running = []
     vae.eval()
@@ -277,6 +279,7 @@ def train_base_model(out: str | Path, cfg: BaseTrainConfig = BaseTrainConfig()) 
     ``out/training.json``.
     """
     torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # a guard: subnormal floats are slow on many CPUs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
