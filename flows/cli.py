@@ -91,13 +91,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from eqdiff.toyworld import TOY_RUN_OVERRIDES
+
     started = time.perf_counter()
     params = _params({"dataset": "toyworld", "base_model": "toy", "methods": DEMO_METHODS,
                       "steps": args.steps, "images_per_prompt": 2,
                       "storage_url": args.store,
                       "compute": "local" if args.local else "ray", "run_id": args.run_id,
-                      "overrides": {"train.num_prior_images": 16, "sample.steps": 25,
-                                    "train.checkpoint_every": 100}})
+                      "overrides": {**TOY_RUN_OVERRIDES, "train.checkpoint_every": 100}})
     record = _run_flow(params, start_server=not args.no_server)
     code = _summarise(record)
     logger.info("demo finished in %.0f s", time.perf_counter() - started)

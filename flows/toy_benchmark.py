@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eqdiff.evaluation import load_run_scores
 from eqdiff.storage import open_store
+from eqdiff.toyworld import TOY_RUN_OVERRIDES
 from eqdiff.toyworld.benchmark import markdown_table, plot_summary, summarise
 from flows.customize import customize_dataset
 from flows.params import CustomizeParams, MethodName
@@ -45,9 +46,8 @@ class ToyBenchmarkParams(BaseModel):
     overrides: dict[str, object] = Field(default_factory=dict)
 
     def run_params(self, seed: int) -> CustomizeParams:
-        overrides = {"train.seed": seed, "sample.seed": seed, "sample.steps": 25,
-                     "train.num_prior_images": 16, "masks.extractor": "provided",
-                     **self.overrides}
+        overrides = {**TOY_RUN_OVERRIDES, "train.seed": seed, "sample.seed": seed,
+                     "masks.extractor": "provided", **self.overrides}
         return CustomizeParams(dataset="toyworld", base_model="toy", methods=self.methods,
                                steps=self.steps, images_per_prompt=self.images_per_prompt,
                                storage_url=self.storage_url, compute=self.compute,
