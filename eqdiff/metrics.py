@@ -8,7 +8,9 @@ Scorers load their model once and embed many images in batches:
 - :class:`DINOScorer` — a transformers ViT (default ``facebook/dino-vits16``); the embedding is
   the CLS token of the last layer (``last_hidden_state[:, 0]``, not a pooler output), after the
   protocol's preprocessing (resize 256 bicubic, centre-crop 224, ImageNet mean/std), built here
-  with torchvision so a saved processor config cannot change it.
+  with torchvision so a saved processor config cannot change it. Only a model made for another
+  input size than the protocol's 224 px (the toy world's 32 px stand-in) is preprocessed as its
+  folder's ``preprocessor_config.json`` says (:func:`processor_preprocess`).
 
 Weights are read from safetensors only; a pickle checkpoint is refused. Real-image features are
 computed once per subject through :class:`FeatureCache` (keyed by scorer id and image sha256).
@@ -22,6 +24,7 @@ The tables built from these rows are in :mod:`eqdiff.report`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ DINO_RESIZE = 256
 DINO_CROP = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DINO_PROCESSOR_CONFIG = "preprocessor_config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_SAFE_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 REAL_IMAGES = "real images"  # the method name of the real-vs-real upper bound rows
@@ -247,11 +251,81 @@ def dino_preprocess() -> transforms.Compose:
     ])
 
 
+# PIL resampling codes, as transformers' image processors save them
+_PIL_INTERPOLATION = {0: transforms.InterpolationMode.NEAREST,
+                      1: transforms.InterpolationMode.LANCZOS,
+                      2: transforms.InterpolationMode.BILINEAR,
+                      3: transforms.InterpolationMode.BICUBIC,
+                      4: transforms.InterpolationMode.BOX,
+                      5: transforms.InterpolationMode.HAMMING}
+
+
+def _torchvision_size(value: object, what: str) -> int | tuple[int, int]:
+    """A transformers size entry as torchvision takes it: ``{"shortest_edge": n}`` → ``n``
+    (the shorter side), ``{"height": h, "width": w}`` → ``(h, w)``, a bare ``n`` (old feature
+    extractors) → ``(n, n)``."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, dict):
+        if set(value) == {"shortest_edge"}:
+            return int(value["shortest_edge"])
+        if set(value) == {"height", "width"}:
+            return (int(value["height"]), int(value["width"]))
+    raise ValueError(f"image processor {what} {value!r} is not supported: give "
+                     "{'shortest_edge': n} or {'height': h, 'width': w}")
+
+
+def processor_preprocess(config: dict) -> transforms.Compose:
+    """The preprocessing a saved image-processor config (transformers' keys) describes.
+
+    ``size`` ({"shortest_edge": n} resizes the shorter side, {"height", "width"} resizes to
+    that), ``resample`` (PIL code), ``do_center_crop`` with ``crop_size``, rescaling by 1/255
+    and ``image_mean``/``image_std``, which must be given. Anything else raises ``ValueError``.
+    """
+    steps: list[Callable] = []
+    if config.get("do_resize", True):
+        resample = config.get("resample", 2)
+        if resample not in _PIL_INTERPOLATION:
+            raise ValueError(f"image processor resample {resample!r} is not a PIL code")
+        steps.append(transforms.Resize(_torchvision_size(config.get("size"), "size"),
+                                       interpolation=_PIL_INTERPOLATION[resample]))
+    if config.get("do_center_crop", False):
+        crop = _torchvision_size(config.get("crop_size"), "crop_size")
+        steps.append(transforms.CenterCrop(crop))
+    if not config.get("do_rescale", True) or \
+            abs(config.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+        raise ValueError("image processor must rescale by 1/255 (do_rescale, rescale_factor)")
+    steps.append(transforms.ToTensor())
+    if config.get("do_normalize", True):
+        if "image_mean" not in config or "image_std" not in config:
+            raise ValueError("image processor config names no image_mean/image_std")
+        steps.append(transforms.Normalize(config["image_mean"], config["image_std"]))
+    return transforms.Compose(steps)
+
+
+def _dino_folder_preprocess(folder: Path, image_size: int) -> transforms.Compose:
+    if image_size == DINO_CROP:
+        return dino_preprocess()
+    path = folder / DINO_PROCESSOR_CONFIG
+    if not path.is_file():
+        raise ValueError(f"DINO model {folder} takes {image_size} px images, not the protocol's "
+                         f"{DINO_CROP}, so its folder needs a {DINO_PROCESSOR_CONFIG}")
+    preprocess = processor_preprocess(json.loads(path.read_text()))
+    shape = tuple(preprocess(Image.new("RGB", (2 * image_size, 3 * image_size))).shape)
+    if shape != (3, image_size, image_size):
+        raise ValueError(f"{path} makes {shape} tensors; the model takes (3, {image_size}, "
+                         f"{image_size})")
+    return preprocess
+
+
 class DINOScorer:
     """A transformers ViT (DINO ViT-S/16 by default) whose CLS token is the image embedding.
 
     ``model`` is a folder written by ``save_pretrained`` or a hub id; only safetensors weights
-    are read. With ``local_files_only`` the hub is never contacted.
+    are read. With ``local_files_only`` the hub is never contacted. A model of the protocol's
+    224 px input gets the protocol's preprocessing (:func:`dino_preprocess`) whatever its
+    folder holds; a model of another input size must be a folder with a
+    ``preprocessor_config.json``, which is followed (:func:`processor_preprocess`).
     """
 
     def __init__(self, model: str = "facebook/dino-vits16", *, device: torch.device | str = "cpu",
@@ -274,7 +348,7 @@ class DINOScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = network.to(self.device).eval()
-        self.preprocess = dino_preprocess()
+        self.preprocess = _dino_folder_preprocess(Path(model), network.config.image_size)
         self.scorer_id = f"dino:{model}"
         logger.info("DINO scorer %s on %s", self.scorer_id, self.device)
 
