@@ -151,3 +151,23 @@ def test_the_flow_customizes_a_toy_subject_with_the_toy_models(prefect_server, t
                              / "scores.parquet")
     assert len(scores[scores["seed"] >= 0]) == 2
     assert scores[["clip_i", "clip_t", "dino"]].notna().all().all()
+
+
+def test_toy_mask_dilation_keeps_the_background_out_of_the_mask() -> None:
+    """SD's dilation (±10 latent pixels) covers a toy image's whole 16×16 latent grid, which
+    silently turns the mask-guided process off; the toy run settings keep a background."""
+    from eqdiff.config import MaskConfig
+    from eqdiff.masks import latent_masks
+    from eqdiff.toyworld import TOY_RUN_OVERRIDES
+    from eqdiff.toyworld.world import NOVEL_SUBJECTS, SceneSpec, render
+
+    _, mask = render(NOVEL_SUBJECTS["split_star"], SceneSpec(size=0.28))
+    pixels = torch.from_numpy(np.asarray(mask) > 0).float()[None, None]
+    default = MaskConfig()
+    full = latent_masks(pixels, TOY_RESOLUTION // 2, iterations=default.dilation_iterations,
+                        kernel=default.dilation_kernel)
+    toy = latent_masks(pixels, TOY_RESOLUTION // 2,
+                       iterations=TOY_RUN_OVERRIDES["masks.dilation_iterations"],
+                       kernel=default.dilation_kernel)
+    assert full.mean() == 1.0
+    assert 0.2 < toy.mean() < 0.8

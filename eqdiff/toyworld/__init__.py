@@ -12,8 +12,12 @@ TOY_RESOLUTION = 32
 # Run settings for the toy models (dotted config overrides): a learning rate suited to their
 # width-32 embeddings and small UNet (SD-1.5's 4e-5 barely moves them in a few hundred steps),
 # fewer class-prior images and sampling steps than at 512 px.
+# Mask dilation is counted in latent pixels (5 passes of 5×5 ≈ ±10, tuned for SD's 64×64
+# latents): on the toy model's 16×16 latents that covers the whole image and turns MGDP off, so
+# one pass (±2, the same share of the image) is used.
 TOY_RUN_OVERRIDES: dict[str, object] = {"train.learning_rate": 1e-3,
-                                        "train.num_prior_images": 16, "sample.steps": 25}
+                                        "train.num_prior_images": 16, "sample.steps": 25,
+                                        "masks.dilation_iterations": 1}
 MODELS_ROOT = Path(__file__).resolve().parent.parent / "data" / "toyworld"
 MODEL_MARKERS = {"base": "model_index.json", "clip": "open_clip_model.safetensors",
                  "dino": "model.safetensors"}
