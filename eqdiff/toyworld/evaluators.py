@@ -110,7 +110,7 @@ class EvaluatorConfig:
     dino_views_per_step: int = 2
     dino_lr: float = 1e-3
     dino_temperature: float = 0.1
-    dino_attribute_weight: float = 2.0  # auxiliary object-attribute classification (0: none)
+    dino_attribute_weight: float = 1.0  # auxiliary object-attribute classification (0: none)
     # both
     warmup_steps: int = 50
     weight_decay: float = 0.05
