@@ -147,7 +147,7 @@ def _cmd_toyworld_train_evaluators(args: argparse.Namespace) -> int:
     from eqdiff.toyworld.evaluators import EvaluatorConfig, train_evaluators
 
     record = train_evaluators(args.out, EvaluatorConfig(seed=args.seed))
-    logger.info("evaluators written to %s: %s", args.out, record.get("accuracy", {}))
+    logger.info("evaluators written to %s: %s", args.out, record["checks"]["accuracy"])
     return 0
 
 
