@@ -69,12 +69,24 @@ def ray_init_kwargs(address: str) -> dict:
     return kwargs
 
 
+def gpu_request(requested: float, cluster_gpus: float) -> float:
+    """The GPUs one task asks for: ``requested`` when the cluster has that many, else none.
+
+    A fraction packs tasks onto a GPU (0.5: two subjects train side by side on each GPU),
+    for models that leave most of a card idle; Ray then shares the device between them.
+    """
+    if requested < 0:
+        raise ValueError(f"GPUs per task must be >= 0, got {requested}")
+    return requested if cluster_gpus >= requested > 0 else 0.0
+
+
 def plan_compute(target: ComputeTarget, address: str = "",
                  gpus_per_task: float = 1.0) -> ComputePlan:
     """Start or join Ray (for ``ray``) and size task requests to the cluster.
 
     ``address`` defaults to ``RAY_ADDRESS``; empty starts a local Ray instance. A task asks for
-    ``gpus_per_task`` GPUs only when the cluster has at least that many, else for none (CPU).
+    ``gpus_per_task`` GPUs (a fraction shares a GPU, see :func:`gpu_request`) only when the
+    cluster has at least that many, else for none (CPU).
     """
     if target == "local":
         return ComputePlan("local")
@@ -87,7 +99,7 @@ def plan_compute(target: ComputeTarget, address: str = "",
         ray.init(address or None, **ray_init_kwargs(address))
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    per_task = gpus_per_task if gpus >= gpus_per_task > 0 else 0.0
+    per_task = gpu_request(gpus_per_task, gpus)
     if gpus_per_task and not per_task:
         logger.info("the Ray cluster has no GPU: tasks run on CPU")
     plan = ComputePlan("ray", address, gpus_per_task=per_task, cpus_per_task=1.0,

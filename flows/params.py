@@ -56,6 +56,9 @@ class CustomizeParams(BaseModel):
     compute: Literal["ray", "local"] = Field("ray", description="Ray cluster or this process")
     ray_address: str = Field("", description="Ray cluster address (empty: RAY_ADDRESS or a "
                                              "local instance)")
+    gpus_per_subject: float = Field(
+        1.0, gt=0, le=8, description="GPUs per subject's training task on Ray; 0.5 trains two "
+                                     "subjects side by side on each GPU (small models)")
     run_id: str = Field("", description="Name of the run in the store (empty: derived from "
                                         "these parameters, so a rerun continues the same run)")
     overrides: dict[str, object] = Field(
@@ -97,5 +100,5 @@ class CustomizeParams(BaseModel):
         if self.run_id:
             return self.run_id
         payload = self.model_dump(exclude={"storage_url", "s3_endpoint_url", "compute",
-                                           "ray_address", "run_id"})
+                                           "ray_address", "gpus_per_subject", "run_id"})
         return f"run-{config_hash(payload, length=10)}"
