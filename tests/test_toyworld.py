@@ -6,8 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from eqdiff.datasets import load_dataset
+from eqdiff.toyworld.base_model import denoising_loss, latent_loss_weights, min_snr_weights
 from eqdiff.toyworld.dataset import prompt_change, prompt_templates, write_toy_dataset
 from eqdiff.toyworld.world import (
     CONTEXTS,
@@ -22,6 +26,7 @@ from eqdiff.toyworld.world import (
     random_scene,
     render,
 )
+from eqdiff.zoo import SD_SCHEDULE
 
 
 def _pixels(image) -> np.ndarray:
@@ -83,7 +88,13 @@ def test_watercolor_is_a_low_frequency_change_and_pixel_art_a_high_one() -> None
 def test_captions_name_the_attributes() -> None:
     obj = ObjectSpec("cone", "orange", "dotted", "black")
     assert caption(obj, SceneSpec(context="beach", style="sketch")) == \
-        "a pencil sketch of an orange dotted cone on the beach"
+        "a pencil sketch of an orange cone with black dots on the beach"
+    split = ObjectSpec("star", "red", "split", "blue")
+    assert caption(split, SceneSpec(style="pixel art")) == \
+        "a pixel art image of a red star with a blue half"
+    # the pattern colour is named: swapped colours give different captions
+    assert caption(ObjectSpec("ball", "red", "striped", "blue"), SceneSpec()) != \
+        caption(ObjectSpec("ball", "blue", "striped", "red"), SceneSpec())
     assert caption(ObjectSpec("cup", "red"), SceneSpec()) == "a photo of a red cup"
     assert caption(obj, SceneSpec(context="city", style="neon"), describe="<eqd> cone") == \
         "a neon drawing of a <eqd> cone in the city"
@@ -140,3 +151,41 @@ def test_prompt_change_reads_the_requested_context_and_style() -> None:
     assert prompt_change("a photo of a <eqd> cup in the snow") == ("context", "snow", "photo")
     assert prompt_change("a pixel art image of a cup") == ("style", "plain", "pixel art")
     assert prompt_change("a photo of a cup") == ("same", "plain", "photo")
+
+
+# --------------------------------------------------------------------------- base-model loss
+
+def test_latent_loss_weights_follow_the_object_mask() -> None:
+    masks = np.zeros((1, 4, 4), dtype=np.uint8)
+    masks[0, :2, :2] = 255  # the top-left latent pixel is all object
+    masks[0, 2, 2:] = 255  # the bottom-right one is half object
+    weights = latent_loss_weights(masks, 2, object_weight=2.0)
+    assert weights.shape == (1, 1, 2, 2)
+    torch.testing.assert_close(weights[0, 0], torch.tensor([[3.0, 1.0], [1.0, 2.0]]))
+
+
+def test_min_snr_weights_cap_the_easy_timesteps() -> None:
+    alphas = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+    t = torch.arange(0, 1000, 37)
+    weights = min_snr_weights(alphas, t, gamma=5.0)
+    snr = alphas[t] / (1 - alphas[t])
+    torch.testing.assert_close(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    torch.testing.assert_close(weights[snr > 5], 5.0 / snr[snr > 5])
+    assert (weights[snr > 5] < 1).all() and (snr > 5).any() and (snr <= 5).any()
+    assert torch.equal(min_snr_weights(alphas, t, gamma=0.0), torch.ones(len(t)))
+
+
+def test_denoising_loss_with_uniform_weights_is_the_plain_mse() -> None:
+    generator = torch.Generator().manual_seed(0)
+    prediction, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8)
+    ones = torch.ones(3, 1, 8, 8)
+    torch.testing.assert_close(denoising_loss(prediction, noise, ones, torch.ones(3)),
+                               F.mse_loss(prediction, noise))
+    # weight on a region where the error is zero lowers the loss; sample weights scale it
+    prediction[:, :, :4] = noise[:, :, :4]
+    weighted = ones.clone()
+    weighted[:, :, :4] = 3.0
+    assert denoising_loss(prediction, noise, weighted, torch.ones(3)) < \
+        denoising_loss(prediction, noise, ones, torch.ones(3))
+    torch.testing.assert_close(denoising_loss(prediction, noise, ones, torch.full((3,), 0.5)),
+                               0.5 * denoising_loss(prediction, noise, ones, torch.ones(3)))

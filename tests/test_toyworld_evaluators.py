@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from eqdiff.toyworld.evaluators import (
     train_evaluators,
     zero_shot_predictions,
 )
-from eqdiff.toyworld.world import PATTERN_WORDS, ObjectSpec, SceneSpec, caption
+from eqdiff.toyworld.world import COLOURS, ObjectSpec, SceneSpec, caption, object_words
 from eqdiff.zoo import build_tiny_dino
 
 # Floors for the committed evaluators on 30 fresh renders (measured 0.63 / 0.47 / 0.60 / 1.0 /
@@ -58,17 +60,43 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training run
 
+SHORT = EvaluatorConfig(clip_images=48, clip_steps=3, clip_batch=16, dino_identities=12,
+                        dino_views=2, dino_steps=3, dino_batch_identities=8, warmup_steps=1,
+                        holdout_identities=4, holdout_views=2, log_every=1)
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("toy-evaluators")
-    cfg = EvaluatorConfig(clip_images=48, clip_steps=3, clip_batch=16, dino_identities=12,
-                          dino_views=2, dino_steps=3, dino_batch_identities=8, warmup_steps=1,
-                          holdout_identities=4, holdout_views=2, log_every=1)
     threads = torch.get_num_threads()
     try:
-        return root, train_evaluators(root, cfg)  # on one thread, as configured
+        return root, train_evaluators(root, SHORT)  # on one thread, as configured
     finally:
         torch.set_num_threads(threads)
+
+
+def test_retraining_only_clip_reproduces_the_full_run_and_keeps_dino(
+        short_run: tuple[Path, dict], tmp_path: Path) -> None:
+    root, record = short_run
+    copy = tmp_path / "models"
+    shutil.copytree(root, copy)
+    dino_weights = (copy / "dino" / "model.safetensors").read_bytes()
+    threads = torch.get_num_threads()
+    try:
+        again = train_evaluators(copy, SHORT, parts=["clip"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (copy / "dino" / "model.safetensors").read_bytes() == dino_weights
+    assert again["trained"] == ["clip"] and record["trained"] == ["clip", "dino"]
+    assert again["dino_log"] == record["dino_log"] and again["clip_log"] == record["clip_log"]
+    assert again["checks"] == record["checks"]
+    assert again["timings"]["dino_train_s"] == record["timings"]["dino_train_s"]
+    with pytest.raises(ValueError, match="another config"):
+        train_evaluators(copy, replace(SHORT, dino_steps=4), parts=["clip"])
+    with pytest.raises(FileNotFoundError, match="lacks dino"):
+        train_evaluators(tmp_path / "empty", SHORT, parts=["clip"])
+    with pytest.raises(ValueError, match="parts must be among"):
+        train_evaluators(copy, SHORT, parts=["vae"])
 
 
 def test_a_short_training_run_writes_models_the_scorers_load(short_run: tuple[Path, dict]
@@ -191,7 +219,8 @@ def test_text_features_from_the_token_prefix_equal_the_full_77_tokens() -> None:
     model = open_clip.CLIP(**toy_clip_config(EvaluatorConfig(clip_vision_layers=1,
                                                              clip_text_layers=2))).eval()
     tokens = open_clip.tokenize(["a photo of a red ball",
-                                 "a pixel art image of a purple two-tone star on the beach"])
+                                 "a pixel art image of a purple star with a yellow half on "
+                                 "the beach"])
     length = int(tokens.argmax(dim=-1).max()) + 1
     assert length < 20
     with torch.no_grad():
@@ -231,16 +260,16 @@ def test_attribute_captions_vary_one_attribute() -> None:
     obj, scene = ObjectSpec("cup", "orange", "split", "blue"), SceneSpec("snow", "sketch")
     assert attribute_captions(obj, scene, "pattern") == [
         "a pencil sketch of an orange cup in the snow",
-        "a pencil sketch of an orange striped cup in the snow",
-        "a pencil sketch of an orange dotted cup in the snow",
-        "a pencil sketch of an orange checkered cup in the snow",
-        "a pencil sketch of an orange zigzag cup in the snow",
-        "a pencil sketch of an orange two-tone cup in the snow"]
-    # the pattern colour is never named, so a colour equal to it is still a caption
-    assert "a pencil sketch of a blue two-tone cup in the snow" in \
+        "a pencil sketch of an orange cup with blue stripes in the snow",
+        "a pencil sketch of an orange cup with blue dots in the snow",
+        "a pencil sketch of an orange cup with blue checks in the snow",
+        "a pencil sketch of an orange cup with blue zigzags in the snow",
+        "a pencil sketch of an orange cup with a blue half in the snow"]
+    # the pattern colour stays the object's, even where a candidate body colour equals it
+    assert "a pencil sketch of a blue cup with a blue half in the snow" in \
         attribute_captions(obj, scene, "colour")
-    assert attribute_captions(obj, scene, "style")[0] == "a photo of an orange two-tone cup in " \
-        "the snow"
+    assert attribute_captions(obj, scene, "style")[0] == "a photo of an orange cup with a blue " \
+        "half in the snow"
     with pytest.raises(ValueError, match="unknown attribute"):
         attribute_captions(obj, scene, "size")
 
@@ -254,10 +283,12 @@ class _AttributeEmbedder:
         self.shown = shown
         self.parsed = {}
         for shape, colour, pattern, context, style in product(*ATTRIBUTE_VALUES.values()):
-            words = " ".join(w for w in (colour, PATTERN_WORDS[pattern], shape) if w)
-            text = caption(ObjectSpec(shape, "red"), SceneSpec(context, style), describe=words)
-            self.parsed[text] = {"class": shape, "colour": colour, "pattern": pattern,
-                                 "context": context, "style": style}
+            for pattern_colour in COLOURS:
+                words = object_words(shape, colour, pattern, pattern_colour)
+                text = caption(ObjectSpec(shape, "red"), SceneSpec(context, style),
+                               describe=words)
+                self.parsed[text] = {"class": shape, "colour": colour, "pattern": pattern,
+                                     "context": context, "style": style}
 
     def _vector(self, values: dict[str, str]) -> torch.Tensor:
         return _unit(torch.tensor([float(values[a] == v) for a, v in self.axes]))

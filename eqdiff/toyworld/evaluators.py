@@ -52,12 +52,12 @@ from eqdiff.toyworld.world import (
     COLOURS,
     CONTEXTS,
     DEFAULT_SIZE,
-    PATTERN_WORDS,
     PATTERNS,
     STYLES,
     ObjectSpec,
     SceneSpec,
     caption,
+    object_words,
     random_object,
     random_scene,
     render,
@@ -456,8 +456,8 @@ def attribute_captions(obj: ObjectSpec, scene: SceneSpec, attribute: str) -> lis
     texts = []
     for value in ATTRIBUTE_VALUES[attribute]:
         chosen = {**words, attribute: value}
-        noun = " ".join(w for w in (chosen["colour"], PATTERN_WORDS[chosen["pattern"]],
-                                    chosen["class"]) if w)
+        noun = object_words(chosen["class"], chosen["colour"], chosen["pattern"],
+                            obj.pattern_colour)
         texts.append(caption(obj, scene, describe=noun))
     return texts
 
@@ -577,35 +577,71 @@ def evaluate_evaluators(clip: CLIPScorer, dino: DINOScorer, held_out: Renders) -
     return checks
 
 
-def train_evaluators(out_root: str | Path, cfg: EvaluatorConfig = EvaluatorConfig()) -> dict:
+EVALUATORS = ("clip", "dino")
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _kept_record(out_root: Path, cfg: EvaluatorConfig, kept: Sequence[str]) -> dict:
+    """The old record, when evaluators in ``kept`` are reused; checks they can be."""
+    if not kept:
+        return {}
+    path = out_root / RECORD_FILE
+    missing = [p for p in kept if not (out_root / p).is_dir()]
+    if missing or not path.is_file():
+        raise FileNotFoundError(f"cannot keep {', '.join(kept)}: {out_root} lacks "
+                                f"{', '.join(missing) or RECORD_FILE}; train all parts")
+    previous = json.loads(path.read_text("utf-8"))
+    if previous.get("config") != asdict(cfg):
+        raise ValueError(f"{', '.join(kept)} in {out_root} was trained with another config "
+                         f"({previous.get('config')}); train all parts")
+    return previous
+
+
+def train_evaluators(out_root: str | Path, cfg: EvaluatorConfig = EvaluatorConfig(),
+                     parts: Sequence[str] = EVALUATORS) -> dict:
     """Train the toy CLIP and the DINO stand-in, write them to ``out_root/clip`` and
     ``out_root/dino``, check them on held-out renders through the project's scorers and write
     the record (config, timings, losses, checks) to ``out_root/evaluators.json``.
+
+    ``parts`` picks which to (re)train; the other one must already be in ``out_root``, trained
+    with the same config (its losses and timings are carried over from the old record). The
+    DINO stand-in never sees captions, so a caption change needs only ``parts=("clip",)``.
     """
+    unknown = set(parts) - set(EVALUATORS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be among {', '.join(EVALUATORS)}; got {list(parts)}")
     torch.set_num_threads(cfg.threads)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
+    previous = _kept_record(out_root, cfg, [p for p in EVALUATORS if p not in parts])
     seeds = np.random.SeedSequence(cfg.seed).generate_state(3)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = dict(previous.get("timings", {}))
+    logs = {f"{p}_log": previous[f"{p}_log"] for p in EVALUATORS if p not in parts}
 
-    mark = time.perf_counter()
-    clip_pool = render_identities(cfg.clip_images, 1, seed=int(seeds[0]), size=cfg.image_size)
-    timings["clip_render_s"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
-    clip_model, clip_log = train_clip(clip_pool, cfg)
-    timings["clip_train_s"] = round(time.perf_counter() - mark, 1)
-    save_clip(clip_model, toy_clip_config(cfg), out_root / CLIP_FOLDER)
-    del clip_pool
+    if "clip" in parts:
+        mark = time.perf_counter()
+        clip_pool = render_identities(cfg.clip_images, 1, seed=int(seeds[0]),
+                                      size=cfg.image_size)
+        timings["clip_render_s"] = round(time.perf_counter() - mark, 1)
+        mark = time.perf_counter()
+        clip_model, logs["clip_log"] = train_clip(clip_pool, cfg)
+        timings["clip_train_s"] = round(time.perf_counter() - mark, 1)
+        save_clip(clip_model, toy_clip_config(cfg), out_root / CLIP_FOLDER)
+        del clip_pool
 
-    mark = time.perf_counter()
-    dino_pool = render_identities(cfg.dino_identities, cfg.dino_views, seed=int(seeds[1]),
-                                  size=cfg.image_size)
-    timings["dino_render_s"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
-    dino_model, dino_log = train_dino(dino_pool, cfg)
-    timings["dino_train_s"] = round(time.perf_counter() - mark, 1)
-    save_dino(dino_model, out_root / DINO_FOLDER)
-    del dino_pool
+    if "dino" in parts:
+        mark = time.perf_counter()
+        dino_pool = render_identities(cfg.dino_identities, cfg.dino_views, seed=int(seeds[1]),
+                                      size=cfg.image_size)
+        timings["dino_render_s"] = round(time.perf_counter() - mark, 1)
+        mark = time.perf_counter()
+        dino_model, logs["dino_log"] = train_dino(dino_pool, cfg)
+        timings["dino_train_s"] = round(time.perf_counter() - mark, 1)
+        save_dino(dino_model, out_root / DINO_FOLDER)
+        del dino_pool
 
     mark = time.perf_counter()
     held_out = render_identities(cfg.holdout_identities, cfg.holdout_views, seed=int(seeds[2]),
@@ -615,18 +651,19 @@ def train_evaluators(out_root: str | Path, cfg: EvaluatorConfig = EvaluatorConfi
     checks = evaluate_evaluators(clip, dino, held_out)
     timings["checks_s"] = round(time.perf_counter() - mark, 1)
 
+    dino_config = json.loads((out_root / DINO_FOLDER / "config.json").read_text("utf-8"))
     record = {"config": asdict(cfg), "clip_model_cfg": toy_clip_config(cfg),
-              "dino_model_cfg": {k: v for k, v in dino_model.config.to_dict().items()
+              "dino_model_cfg": {k: v for k, v in dino_config.items()
                                  if k in ("image_size", "patch_size", "hidden_size",
                                           "num_hidden_layers", "num_attention_heads",
                                           "intermediate_size")},
-              "parameters": {"clip": sum(p.numel() for p in clip_model.parameters()),
-                             "dino": sum(p.numel() for p in dino_model.parameters())},
+              "parameters": {"clip": _parameter_count(clip.model),
+                             "dino": _parameter_count(dino.model)},
+              "trained": sorted(parts),
               "held_out": {"identities": cfg.holdout_identities, "views": cfg.holdout_views,
                            "images": len(held_out.images)},
               "timings": timings, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "clip_log": clip_log, "dino_log": dino_log,
-              "checks": checks}
+              "torch": torch.__version__, **logs, "checks": checks}
     (out_root / RECORD_FILE).write_text(json.dumps(record, indent=1))
     logger.info("toy evaluators written to %s: CLIP accuracy %s, DINO top-1 %.3f", out_root,
                 checks["accuracy"], checks["dino_identity"]["top1"])

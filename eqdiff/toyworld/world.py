@@ -4,7 +4,9 @@ Every image comes from an :class:`ObjectSpec` (what the object is: class noun, c
 pattern and pattern colour) and a :class:`SceneSpec` (where and how it is shown: context, style,
 position, size, rotation). :func:`render` draws the scene at 4× and downsamples it, returning the
 RGB image and the object's mask; :func:`caption` writes the sentence a base model is trained on,
-e.g. ``"a watercolor painting of a red striped ball in the snow"``.
+e.g. ``"a watercolor painting of a red ball with blue stripes in the snow"``. Captions name the
+pattern colour too: stripes, checks and zigzags cover about half of an object, so "red with blue
+stripes" and "blue with red stripes" look alike and must not share a caption.
 
 The styles are chosen to move different parts of the spectrum: ``watercolor`` is a low-frequency
 change (washes, bleeding, paper), ``sketch`` and ``pixel art`` mostly high-frequency ones (lines,
@@ -45,8 +47,15 @@ STYLE_PHRASES = {"photo": "a photo of", "watercolor": "a watercolor painting of"
                  "neon": "a neon drawing of"}
 CONTEXT_PHRASES = {"plain": "", "beach": "on the beach", "snow": "in the snow",
                    "grass": "on the grass", "city": "in the city"}
-PATTERN_WORDS = {"plain": "", "striped": "striped", "dotted": "dotted",
-                 "checkered": "checkered", "zigzag": "zigzag", "split": "two-tone"}
+PATTERN_PHRASES = {"plain": "", "striped": "with {} stripes", "dotted": "with {} dots",
+                   "checkered": "with {} checks", "zigzag": "with {} zigzags",
+                   "split": "with a {} half"}
+
+
+def object_words(shape: str, colour: str, pattern: str, pattern_colour: str) -> str:
+    """``"red ball with blue stripes"``; a plain object is ``"red ball"``."""
+    return " ".join(w for w in (colour, shape, PATTERN_PHRASES[pattern].format(pattern_colour))
+                    if w)
 
 
 @dataclass(frozen=True)
@@ -70,8 +79,8 @@ class ObjectSpec:
                              "colour other than its body colour")
 
     def describe(self) -> str:
-        """``"red striped ball"`` (the pattern colour is not named, as in most captions)."""
-        return " ".join(w for w in (self.colour, PATTERN_WORDS[self.pattern], self.shape) if w)
+        """``"red ball with blue stripes"`` (see :func:`object_words`)."""
+        return object_words(self.shape, self.colour, self.pattern, self.pattern_colour)
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ def is_novel(obj: ObjectSpec) -> bool:
 
 
 def caption(obj: ObjectSpec, scene: SceneSpec, *, describe: str | None = None) -> str:
-    """The caption of a scene: ``"a pencil sketch of a blue dotted cube on the grass"``.
+    """The caption of a scene: ``"a pencil sketch of a blue cube with red dots on the grass"``.
 
     ``describe`` replaces the object's words (e.g. ``"<eqd> ring"`` for a placeholder prompt).
     """
