@@ -146,7 +146,7 @@ def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
 def _cmd_toyworld_train_evaluators(args: argparse.Namespace) -> int:
     from eqdiff.toyworld.evaluators import EvaluatorConfig, train_evaluators
 
-    record = train_evaluators(args.out, EvaluatorConfig(seed=args.seed))
+    record = train_evaluators(args.out, EvaluatorConfig(seed=args.seed), parts=args.parts)
     logger.info("evaluators written to %s: %s", args.out, record["checks"]["accuracy"])
     return 0
 
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train-evaluators", help="train the toy CLIP and DINO stand-in (about 15 min)")
     train_eval.add_argument("--out", default=str(MODELS_ROOT))
     train_eval.add_argument("--seed", type=int, default=0)
+    train_eval.add_argument(
+        "--parts", nargs="+", choices=("clip", "dino"), default=["clip", "dino"],
+        help="which to (re)train; the other is kept from --out (it must have the same config)")
     train_eval.set_defaults(handler=_cmd_toyworld_train_evaluators)
     card = toy_commands.add_parser(
         "card", help="sample grids, loss curves and evaluator checks into the model card")

@@ -114,8 +114,12 @@ def plot_losses(record: dict, path: str | Path) -> Path:
     left.plot([r["step"] for r in vae], [r["mse"] for r in vae], color="tab:orange")
     left.set(title="VAE reconstruction (MSE, [-1, 1] pixels)", xlabel="step", yscale="log")
     unet = record["denoiser_log"]
-    right.plot([r["step"] for r in unet], [r["loss"] for r in unet], color="tab:blue")
-    right.set(title="text encoder + UNet (ε MSE)", xlabel="step")
+    steps = [r["step"] for r in unet]
+    right.plot(steps, [r["loss"] for r in unet], color="tab:blue", label="weighted (optimised)")
+    if "mse" in unet[0]:
+        right.plot(steps, [r["mse"] for r in unet], color="tab:green", label="plain ε MSE")
+        right.legend()
+    right.set(title="text encoder + UNet (ε loss)", xlabel="step")
     for axis in (left, right):
         axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -190,6 +194,8 @@ def _card_text(record: dict, card: dict) -> str:
     total_bytes = sum(card["safetensors_bytes"].values())
     last = record["denoiser_log"][-1]["loss"]
     first = record["denoiser_log"][0]["loss"]
+    last_mse = (f"{record['denoiser_log'][-1]['mse']:.3f}" if "mse" in record["denoiser_log"][-1]
+                else "not recorded")
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -207,7 +213,7 @@ without downloadable weights; it goes through exactly the code paths SD-1.5 does
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("eqdiff/data/toyworld/base")
-pipe("a watercolor painting of a red striped ball in the snow", height=32, width=32,
+pipe("a watercolor painting of a red ball with blue stripes in the snow", height=32, width=32,
      guidance_scale={CARD_GUIDANCE}).images[0]
 ```
 
@@ -216,10 +222,10 @@ pipe("a watercolor painting of a red striped ball in the snow", height=32, width
 {cfg['corpus_size']:,} rendered 32×32 scenes (seed {cfg['seed']}): six classes (ball, cube, cone,
 ring, star, cup), ten colours, four patterns (plain, striped, dotted, checkered), five contexts
 (plain, beach, snow, grass, city) and five styles (photo, watercolor, pencil sketch, pixel art,
-neon), captioned from their attributes, e.g. "a pencil sketch of a blue dotted cube on the
-grass". The benchmark's novel subjects never appear: zigzag and two-tone patterns are not drawn
-at all, and their class/colour pairs (teal ring, red star, purple cone, orange cup) are held
-out.
+neon), captioned from their attributes, pattern colour included, e.g. "a pencil sketch of a
+blue cube with red dots on the grass". The benchmark's novel subjects never appear: zigzag and
+two-tone patterns are not drawn at all, and their class/colour pairs (teal ring, red star,
+purple cone, orange cup) are held out.
 
 ## Model and training
 
@@ -238,7 +244,11 @@ diffusers loads the float16 UNet and VAE as float32.
 2. Text encoder + UNet together: {cfg['unet_steps']} steps, batch {cfg['batch_size']}, AdamW (UNet
    lr {cfg['unet_lr']}, text lr {cfg['text_lr']}), {cfg['warmup_steps']} warm-up steps then
    cosine decay, {cfg['caption_dropout']:.0%} empty captions (for classifier-free guidance), EMA
-   {cfg['ema_decay']} (the EMA weights are saved). Loss {first:.3f} → {last:.3f}.
+   {cfg['ema_decay']} (the EMA weights are saved). The ε-loss is weighted by Min-SNR-γ
+   (γ = {cfg.get('snr_gamma', 0)}) per sample and by the object's mask per latent pixel
+   (1 + {cfg.get('object_loss_weight', 0)} on the object), so that the small UNet learns shapes and
+   colours, not only backgrounds and styles. Weighted loss {first:.3f} → {last:.3f}; plain ε MSE
+   at the end {last_mse}.
 
 Time on {cfg['threads']} CPU threads: render {timings['render_s']:.0f} s, VAE
 {timings['vae_s']:.0f} s, text encoder + UNet {timings['denoiser_s']:.0f} s, total
