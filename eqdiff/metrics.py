@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from eqdiff.models import model_identity
+
 logger = logging.getLogger(__name__)
 
 DINO_RESIZE = 256
@@ -219,7 +221,8 @@ class CLIPScorer:
             name, pretrained=weights, device=self.device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.scorer_id = f"clip:{name}:{weights or ''}"
+        # by weights identity, so cached features never outlive weights replaced in place
+        self.scorer_id = f"clip:{model_identity(name)}:{model_identity(weights or '')}"
         logger.info("CLIP scorer %s on %s", self.scorer_id, self.device)
 
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -349,7 +352,7 @@ class DINOScorer:
         self.batch_size = batch_size
         self.model = network.to(self.device).eval()
         self.preprocess = _dino_folder_preprocess(Path(model), network.config.image_size)
-        self.scorer_id = f"dino:{model}"
+        self.scorer_id = f"dino:{model_identity(model)}"
         logger.info("DINO scorer %s on %s", self.scorer_id, self.device)
 
     def _cls(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -144,22 +144,29 @@ def _load_single_file(path: Path, *, config_folder: str | None, local_files_only
                         str(path))
 
 
-def model_identity(source: str) -> str:
-    """A short stable name for a base model, for cache keys and concept compatibility checks.
+LOCAL_DIR_SCHEME = "local-dir:"  # open_clip's prefix for a model folder
 
-    A hub id stays as it is; a local folder (or file) is named by its name plus a hash of
-    its component configs and a sample of every weights file (size, first and last MiB), so
-    two different local models never share a name without reading gigabytes.
+
+def model_identity(source: str) -> str:
+    """A short stable name for a model, for cache keys and concept compatibility checks.
+
+    A hub id stays as it is; a local folder (or file; open_clip's ``local-dir:`` prefix is
+    understood) is named by its name plus a hash of its configs and a sample of every weights
+    file (size, first and last MiB), so two different local models never share a name, and
+    weights replaced in place change it, without reading gigabytes. Covers diffusers folders
+    (``unet/…``) and single-model folders (``config.json`` + ``model.safetensors``).
     """
-    path = Path(source).expanduser()
-    if not path.exists():
+    path = Path(source.removeprefix(LOCAL_DIR_SCHEME)).expanduser()
+    if not source or not path.exists():
         return source
     digest = hashlib.sha256()
-    for sub in ("unet/config.json", "text_encoder/config.json", "vae/config.json"):
+    for sub in ("unet/config.json", "text_encoder/config.json", "vae/config.json",
+                "config.json", "open_clip_config.json"):
         file = path / sub
         if file.is_file():
             digest.update(file.read_bytes())
-    weights_files = [path] if path.is_file() else sorted(path.glob("*/*.safetensors"))
+    weights_files = ([path] if path.is_file()
+                     else sorted([*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]))
     for weights in weights_files:
         digest.update(_weights_fingerprint(weights))
     return f"{path.name}-{digest.hexdigest()[:12]}"

@@ -23,7 +23,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from eqdiff.concept import RRA_PREFIX, load_concept, save_concept
-from eqdiff.config import MethodConfig, RunConfig, config_hash
+from eqdiff.config import EvalConfig, MethodConfig, RunConfig, config_hash
 from eqdiff.datasets import Subject
 from eqdiff.evaluation import rebuild_report, save_scores
 from eqdiff.images import file_sha256, pil_to_tensor
@@ -371,6 +371,13 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
 
 # --------------------------------------------------------------------------- evaluation
 
+def evaluation_hash(config: EvalConfig) -> str:
+    """The evaluation settings and the identity of each scorer's weights: replacing a local
+    CLIP or DINO model in place rescores instead of keeping the old scores."""
+    return config_hash(config, *(model_identity(source) for source in
+                                 (config.clip_model, config.clip_pretrained, config.dino_model)))
+
+
 def store_feature_cache(store: ArtifactStore) -> FeatureCache:
     """Real-image features persisted in the store (``cache/features/…``), so reruns and other
     runs embed each real photo once per scorer."""
@@ -424,7 +431,7 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
     pre_record = store.read_marker(preprocess_prefix(ctx.run_id, subject.name))
     if pre_record is None:
         raise RuntimeError(f"{subject.name} was not preprocessed")
-    eval_hash = config_hash(ctx.config.eval)
+    eval_hash = evaluation_hash(ctx.config.eval)
     real: RealFeatures | None = None
     scored, skipped = [], []
     for method in [REAL_IMAGES, *methods]:

@@ -48,7 +48,7 @@ from eqdiff.losses import (
     total_loss,
 )
 from eqdiff.masks import latent_masks
-from eqdiff.models import SDComponents
+from eqdiff.models import SDComponents, model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,10 @@ class TrainedConcept:
 
 
 def training_hash(config: RunConfig, method: MethodConfig) -> str:
-    """Hash of everything that changes a trained concept (not storage, not sampling)."""
-    return config_hash(config.model, method, config.train, config.frequency, config.masks,
-                       config.rra, config.losses)
+    """Hash of everything that changes a trained concept (not storage, not sampling); the base
+    model enters by identity too, so weights replaced at the same path retrain."""
+    return config_hash(config.model, model_identity(config.model.base_model), method,
+                       config.train, config.frequency, config.masks, config.rra, config.losses)
 
 
 def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:

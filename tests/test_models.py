@@ -125,3 +125,27 @@ def test_sd15_shaped_components_have_sd15_sizes():
     assert 859e6 < unet_params < 860e6
     assert parts.vae_scale_factor == 8
     assert parts.text_encoder.config.hidden_size == 768
+
+
+def test_weights_replaced_in_place_change_every_cache_key(tmp_path):
+    from eqdiff.config import EvalConfig, ModelConfig, RunConfig, method_preset
+    from eqdiff.stages import evaluation_hash
+    from eqdiff.training import training_hash
+
+    base, clip, dino = tmp_path / "base", tmp_path / "clip", tmp_path / "dino"
+    build_tiny_sd(base, seed=0)
+    build_tiny_clip(clip)
+    build_tiny_dino(dino, seed=0)
+    run = RunConfig(model=ModelConfig(base_model=str(base)))
+    scorers = EvalConfig(clip_model=f"local-dir:{clip}", clip_pretrained="",
+                         dino_model=str(dino))
+    before = (model_identity(str(dino)), training_hash(run, method_preset("eqdiff")),
+              evaluation_hash(scorers))
+    assert model_identity(f"local-dir:{clip}") == model_identity(str(clip))
+    assert model_identity(str(dino)) == before[0]  # stable while nothing changes
+
+    build_tiny_sd(base, seed=1)  # same path, same configs, other weights
+    build_tiny_dino(dino, seed=1)
+    after = (model_identity(str(dino)), training_hash(run, method_preset("eqdiff")),
+             evaluation_hash(scorers))
+    assert all(a != b for a, b in zip(before, after, strict=True))
