@@ -77,15 +77,17 @@ def test_the_committed_base_model_is_small_and_loads_like_sd() -> None:
 
 
 def test_the_committed_base_model_draws_what_its_captions_ask(tmp_path) -> None:
-    """The toy CLIP recognises the asked-for style and context in the base model's samples far
-    above chance (1/5; a random or untrained model scores near it). Classes and colours are
-    drawn much worse (see the model card), so they are not asserted here."""
+    """The toy CLIP recognises every asked-for attribute in the base model's samples well above
+    chance (class 1/6, colour 1/10, style and context 1/5; a random or untrained model scores
+    near it). Measured on these 48 samples: class 0.38, colour 0.40, pattern 0.44, context 0.58,
+    style 0.73 (the model card has 150)."""
     from eqdiff.toyworld.card import accuracy_on_samples, load_pipeline
 
     folders = toy_models()
     checks = accuracy_on_samples(load_pipeline(folders["base"]), folders["clip"], count=48)
-    assert checks["base_model"]["style"] > 0.45
+    assert checks["base_model"]["style"] > 0.6
     assert checks["base_model"]["context"] > 0.4
+    assert checks["base_model"]["colour"] > 0.25 and checks["base_model"]["class"] > 0.25
     assert checks["world"]["style"] > 0.9 and checks["world"]["class"] > 0.4
 
 
