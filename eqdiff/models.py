@@ -20,6 +20,20 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """Drops diffusers' warning that "modules … should be kept in float32: []".
+
+    diffusers (0.42) prints it on every ``.to(dtype)`` of a model even when the list of such
+    modules is empty, i.e. when the cast is exactly right; every Ray worker repeated it. Any
+    warning that names modules still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
+
 SD_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 

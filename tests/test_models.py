@@ -1,6 +1,7 @@
 """Model loading through the real from_pretrained paths, on the offline zoo's tiny models."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -149,3 +150,29 @@ def test_weights_replaced_in_place_change_every_cache_key(tmp_path):
     after = (model_identity(str(dino)), training_hash(run, method_preset("eqdiff")),
              evaluation_hash(scorers))
     assert all(a != b for a, b in zip(before, after, strict=True))
+
+
+def test_no_float32_warning_when_no_module_must_stay_float32(tiny_sd):
+    import eqdiff.models  # noqa: F401  (installs the filter)
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    components = load_sd_components(tiny_sd, local_files_only=True)
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    collect = Collect()
+    diffusers_logger.addHandler(collect)  # sees what passes the logger's filters
+    try:
+        components.unet.to(torch.float16)
+        components.vae.to(torch.float16)
+        diffusers_logger.warning("There are modules in X that should be kept in float32: "
+                                 "['norm'].")
+    finally:
+        diffusers_logger.removeHandler(collect)
+    assert collect.messages == ["There are modules in X that should be kept in float32: "
+                                "['norm']."]  # the empty-list warnings were dropped
