@@ -57,6 +57,9 @@ def _params(data: dict[str, Any]):  # noqa: ANN202 - CustomizeParams
 
 
 def _run_flow(params, *, start_server: bool) -> dict:  # noqa: ANN001 - CustomizeParams
+    # Prefect is imported only after ensure_server() has set PREFECT_API_URL: Prefect fixes its
+    # settings when first imported, and prefect-ray hands those settings to the Ray workers,
+    # whose events then went nowhere ("Service 'EventsWorker' failed to process item").
     if start_server:
         from flows.server import ensure_server
 
@@ -159,12 +162,12 @@ def _cmd_toyworld_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_toyworld_benchmark(args: argparse.Namespace) -> int:
-    from flows.toy_benchmark import ToyBenchmarkParams, toy_benchmark
-
     if not args.no_server:
         from flows.server import ensure_server
 
         ensure_server()
+    from flows.toy_benchmark import ToyBenchmarkParams, toy_benchmark  # after PREFECT_API_URL
+
     defaults = ToyBenchmarkParams()
     params = ToyBenchmarkParams(seeds=args.seeds, methods=args.methods or defaults.methods,
                                 steps=args.steps, images_per_prompt=args.images,
@@ -192,11 +195,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.deploy import deploy_all
     from flows.server import ensure_server
 
     if not args.no_server:
         ensure_server()
+    from flows.deploy import deploy_all  # after PREFECT_API_URL is set (see _run_flow)
+
     for name in deploy_all(work_pool=args.work_pool):
         logger.info("deployed %s", name)
     logger.info("start a worker: prefect worker start --pool %s --type process", args.work_pool)
@@ -204,12 +208,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from flows.deploy import serve_all
     from flows.server import ensure_server
 
     if not args.no_server:
         server = ensure_server()
         logger.info("Prefect UI: %s — trigger runs from Deployments", server.ui_url)
+    from flows.deploy import serve_all  # after PREFECT_API_URL is set (see _run_flow)
+
     serve_all()
     return 0
 

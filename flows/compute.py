@@ -18,8 +18,8 @@ ComputeTarget = Literal["ray", "local"]
 
 # Settings a worker needs to talk to the same Prefect API and artifact store as the flow.
 # Credentials are not forwarded: workers use their own boto3 credential chain.
-FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "HF_HOME",
-                 "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "PREFECT_LOGGING_LEVEL",
+                 "HF_HOME", "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                  "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")
 
 

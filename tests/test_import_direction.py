@@ -39,3 +39,16 @@ def test_checker_sees_nested_and_from_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    import ray.util\n    from prefect.tasks import task\n")
     assert {"ray", "prefect"} <= imported_top_levels(sample)
+
+
+def test_the_command_line_loads_prefect_only_after_the_server_is_known():
+    """Prefect fixes its settings at first import and prefect-ray hands them to Ray workers,
+    so the CLI must not import it before ``ensure_server`` sets ``PREFECT_API_URL``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.cli, flows.server, flows.params; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
