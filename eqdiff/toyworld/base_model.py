@@ -207,7 +207,8 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
                     gamma: float) -> torch.Tensor:
     """Min-SNR-γ weights for ε-prediction: ``min(SNR, γ) / SNR`` (1 where ``gamma`` is 0)."""
     if gamma <= 0:
-        return torch.ones(timesteps.shape, dtype=alphas_cumprod.dtype)
+        return torch.ones(timesteps.shape, dtype=alphas_cumprod.dtype,
+                          device=timesteps.device)
     a = alphas_cumprod[timesteps]
     snr = a / (1.0 - a)
     return snr.clamp(max=gamma) / snr
