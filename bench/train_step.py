@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -49,7 +47,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,22 +57,15 @@ import transformers
 from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
 from torch import Tensor, nn
 
-from eqdiff.config import (
-    LossConfig,
-    MethodConfig,
-    RRAConfig,
-    RunConfig,
-    TrainConfig,
-    method_preset,
-)
+from eqdiff.config import MethodConfig, RunConfig, TrainConfig, method_preset
 from eqdiff.embeddings import add_placeholder_token
 from eqdiff.models import SDComponents, load_sd_components
+from eqdiff.reference import training_extensions
 from eqdiff.training import (
     CLASS_PROMPT,
     INSTANCE_PROMPT,
     ConceptData,
     ConceptTrainer,
-    TrainingExtension,
     autocast_dtype,
 )
 from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
@@ -83,102 +73,9 @@ from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
 logger = logging.getLogger("bench.train_step")
 
 DEFAULT_METHODS = ("textual-inversion", "custom-diffusion", "eqdiff-no-rra", "eqdiff")
-RRA_MODULES = ("eqdiff.reference", "eqdiff.attention", "eqdiff.rra")
-RRA_PREFIX = "eqdiff_rra."
-EXTENSION_METHODS = ("parameters", "before_unet", "loss_terms", "after_step",
-                     "learned_tensors", "load_learned_tensors")
 INSTANCE_IMAGES = 4
 PRIOR_IMAGES = 8
 CLASS_NOUN = "dog"
-
-
-# --------------------------------------------------------------------------- RRA detection
-
-@dataclass
-class RRAFinding:
-    """Where the RRA training extension was found (``factory`` is None when it was not)."""
-
-    factory: Callable[..., Any] | None
-    where: str
-    note: str
-
-
-def _looks_like_extension(obj: Any) -> bool:
-    return inspect.isclass(obj) and all(callable(getattr(obj, m, None))
-                                        for m in EXTENSION_METHODS)
-
-
-def find_rra_extension() -> RRAFinding:
-    """Look for the RRA :class:`TrainingExtension` in the modules that may hold it.
-
-    Preferred: a module function ``training_extensions(config, method)`` (the factory the
-    pipeline uses). Otherwise a class with every extension method and either
-    ``prefix == "eqdiff_rra."`` or a name that mentions RRA / reference. Nothing is
-    constructed here.
-    """
-    problems, classes = [], []
-    for module_name in RRA_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                problems.append(f"{module_name} failed to import: {err}")
-            continue
-        except Exception as err:  # a half-written module must not stop the other methods
-            problems.append(f"{module_name} failed to import: {type(err).__name__}: {err}")
-            continue
-        factory = getattr(module, "training_extensions", None)
-        if inspect.isfunction(factory) and factory.__module__ == module.__name__:
-            return RRAFinding(factory, f"{module_name}.training_extensions", "")
-        for name, obj in vars(module).items():
-            if not _looks_like_extension(obj) or obj.__module__ != module.__name__:
-                continue
-            lowered = name.lower()
-            if getattr(obj, "prefix", None) == RRA_PREFIX or "rra" in lowered or (
-                    "reference" in lowered):
-                classes.append(RRAFinding(obj, f"{module_name}.{name}", ""))
-    if classes:
-        return classes[0]
-    note = "no RRA TrainingExtension in " + ", ".join(RRA_MODULES) + " yet"
-    if problems:
-        note += " (" + "; ".join(problems) + ")"
-    return RRAFinding(None, "", note)
-
-
-def build_rra_extensions(finding: RRAFinding, by_type: dict[type, Any],
-                         by_name: dict[str, Any]) -> list[TrainingExtension]:
-    """Call the found factory or class, binding each parameter by its annotated type
-    (``RRAConfig``, ``MethodConfig``, …), else by its name; a list result is kept as is.
-
-    Raises ``TypeError`` naming the signature when a required parameter cannot be bound
-    (then this benchmark needs a line for the new constructor).
-    """
-    assert finding.factory is not None
-    try:
-        signature = inspect.signature(finding.factory, eval_str=True)
-    except (NameError, TypeError):  # annotations that do not resolve here: names only
-        signature = inspect.signature(finding.factory)
-    kwargs, missing = {}, []
-    for name, param in signature.parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        annotation = param.annotation
-        if isinstance(annotation, type) and annotation in by_type:
-            kwargs[name] = by_type[annotation]
-        elif name in by_name:
-            kwargs[name] = by_name[name]
-        elif param.default is param.empty:
-            missing.append(name)
-    if missing:
-        raise TypeError(f"{finding.where}{signature} needs {missing}, which this benchmark "
-                        f"does not know how to supply")
-    made = finding.factory(**kwargs)
-    extensions = list(made) if isinstance(made, (list, tuple)) else [made]
-    prefixes = [getattr(e, "prefix", None) for e in extensions]
-    if RRA_PREFIX not in prefixes:
-        raise TypeError(f"{finding.where} gave extensions with prefixes {prefixes}, none is "
-                        f"{RRA_PREFIX!r}")
-    return extensions
 
 
 # --------------------------------------------------------------------------- setup
@@ -196,7 +93,8 @@ def make_data(resolution: int, device: torch.device, seed: int = 0) -> ConceptDa
 
 
 def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
-               precision: str = "auto", frozen_weights: str = "as-loaded") -> RunConfig:
+               precision: str = "auto", frozen_weights: str = "as-loaded",
+               cuda_graphs: str = "off") -> RunConfig:
     """The released training settings, with this run's size and a placeholder of its own.
 
     ``frozen_weights="as-loaded"``: the trainer keeps the components' dtype, which each pass
@@ -204,7 +102,7 @@ def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
     return RunConfig(methods=(method,), train=TrainConfig(
         steps=steps, resolution=resolution, num_prior_images=PRIOR_IMAGES,
         placeholder_token=token, checkpoint_every=0, precision=precision,
-        frozen_weights=frozen_weights))
+        frozen_weights=frozen_weights, cuda_graphs=cuda_graphs))
 
 
 class _TokenNames:
@@ -403,38 +301,40 @@ def _cleanup(components: SDComponents, processors: dict[str, Any]) -> None:
 
 
 def measure_ours(components: SDComponents, data: ConceptData, method: MethodConfig,
-                 config: RunConfig, device: torch.device, warmup: int, steps: int,
-                 rra: RRAFinding) -> dict[str, Any]:
-    """Build a trainer for ``method`` and time ``train_step``."""
+                 config: RunConfig, device: torch.device, warmup: int,
+                 steps: int) -> dict[str, Any]:
+    """Build a trainer for ``method`` and time ``train_step``; keeps the loss history (the
+    eager and graphed runs of one method draw the same numbers, so their losses compare)."""
     before = _prepare_memory(device)
-    extensions: list[TrainingExtension] = []
-    if method.rra:
-        by_type = {RRAConfig: config.rra, MethodConfig: method, RunConfig: config,
-                   SDComponents: components, ConceptData: data, LossConfig: config.losses,
-                   torch.device: device}
-        by_name = {"components": components, "unet": components.unet, "data": data,
-                   "run_config": config, "rra_config": config.rra, "method": method,
-                   "device": device, "seed": config.train.seed}
-        extensions = build_rra_extensions(rra, by_type, by_name)
     t0 = time.perf_counter()
     trainer = _BenchTrainer(components, data, config, method, device=device,
-                            extensions=extensions)
+                            extensions=training_extensions(config.rra, method))
     setup_s = round(time.perf_counter() - t0, 2)
     try:
+        t0 = time.perf_counter()
         result = time_steps(trainer.train_step, device, warmup, steps)
+        result["warmup_and_timed_s"] = round(time.perf_counter() - t0, 2)
         result["trainable_params"] = sum(p.numel() for p in trainer.trainable_parameters())
         result["batch"] = {"instance": config.train.instance_batch,
                            "prior": trainer.prior_batch}
+        result["cuda_graph"] = trainer.graph_captured
+        result["losses"] = [round(h["loss"], 6) for h in trainer.loss_history]
     finally:
         trainer.remove()
         _LIVE_TRAINERS.remove(trainer)
-        for extension in extensions:
-            remove = getattr(extension, "remove", None)
-            if callable(remove):
-                remove()
     result["setup_s"] = setup_s
     result["allocated_before_mib"] = before
     return result
+
+
+def loss_agreement(eager: dict[str, Any], graphed: dict[str, Any]) -> dict[str, Any] | None:
+    """Largest absolute and relative difference of the two runs' per-step total losses."""
+    if eager.get("status") != "ok" or graphed.get("status") != "ok":
+        return None
+    pairs = list(zip(eager["losses"], graphed["losses"], strict=True))
+    abs_diff = max(abs(a - b) for a, b in pairs)
+    rel_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+    return {"steps": len(pairs), "max_abs": abs_diff, "max_rel": round(rel_diff, 6)}
 
 
 def measure_reference(components: SDComponents, data: ConceptData, method: MethodConfig,
@@ -474,9 +374,10 @@ def guarded(run: Callable[[], dict[str, Any]], label: str, components: SDCompone
 
 # --------------------------------------------------------------------------- reporting
 
-TABLE_HEADER = ("| method | frozen weights | batch (inst+prior) | ours ms/step (median / p90) "
-                "| reference ms/step (median / p90) | ours / ref | ours peak MiB "
-                "| ref peak MiB | note |\n|---|---|---|---|---|---|---|---|---|\n")
+TABLE_HEADER = ("| method | frozen weights | batch (inst+prior) | ours eager ms/step "
+                "(median / p90) | ours CUDA graph ms/step | reference ms/step | eager / ref "
+                "| graph / ref | ours peak MiB (eager / graph) | ref peak MiB | note |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def _cell(run: dict[str, Any] | None, key: str) -> str:
@@ -494,22 +395,34 @@ def _times(run: dict[str, Any] | None) -> str:
     return f"{run['ms_median']:.1f} / {run['ms_p90']:.1f}"
 
 
+def _ratio(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "—" if value is None else f"{value:.2f}"
+
+
 def table_row(row: dict[str, Any]) -> str:
-    ours, ref = row.get("ours"), row.get("reference")
+    ours, graphed, ref = row.get("ours"), row.get("ours_graphed"), row.get("reference")
     batch = "—"
-    for run in (ours, ref):
+    for run in (ours, graphed, ref):
         if run and run.get("status") == "ok":
             batch = f"{run['batch']['instance']}+{run['batch']['prior']}"
             break
-    ratio = row.get("ratio_ours_over_reference")
     notes = [row["note"]] if row.get("note") else []
-    for name, run in (("ours", ours), ("ref", ref)):
+    if graphed and graphed.get("status") == "ok" and not graphed.get("cuda_graph"):
+        notes.append("graph capture failed: eager steps")
+    agreement = row.get("loss_agreement")
+    if agreement:
+        notes.append(f"graph vs eager loss: max rel diff {agreement['max_rel']:.1e} over "
+                     f"{agreement['steps']} steps")
+    for name, run in (("ours", ours), ("graphed", graphed), ("ref", ref)):
         if run and run.get("status") not in (None, "ok"):
             notes.append(f"{name}: {run.get('error', '')[:120]}")
+    peaks = f"{_cell(ours, 'peak_mib')} / {_cell(graphed, 'peak_mib')}"
     return (f"| {row['method']} | {row['frozen_weights']} | {batch} | {_times(ours)} "
-            f"| {_times(ref)} | {'—' if ratio is None else f'{ratio:.2f}'} "
-            f"| {_cell(ours, 'peak_mib')} | {_cell(ref, 'peak_mib')} "
-            f"| {'; '.join(notes).replace('|', '/')} |\n")
+            f"| {_times(graphed) if graphed else '—'} | {_times(ref)} "
+            f"| {_ratio(row, 'ratio_ours_over_reference')} "
+            f"| {_ratio(row, 'ratio_graphed_over_reference')} "
+            f"| {peaks} | {_cell(ref, 'peak_mib')} | {'; '.join(notes).replace('|', '/')} |\n")
 
 
 def write(text: str) -> None:
@@ -561,9 +474,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                         default="auto", help="TrainConfig.precision for both loops (default "
                         "auto: the trainer's default, bf16 autocast on CUDA, fp32 on CPU)")
-    parser.add_argument("--bf16-frozen", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--bf16-frozen", choices=("auto", "on", "off", "only"),
+                        default="auto",
                         help="also run every method with frozen weights cast to bf16 "
-                             "(auto: on CUDA only; needs bf16 autocast)")
+                             "(auto: on CUDA only; needs bf16 autocast); only: just that pass "
+                             "(the trainer's default on a GPU)")
+    parser.add_argument("--graphs", choices=("auto", "both", "off"), default="auto",
+                        help="both: time our trainer eagerly and with its CUDA-graph step "
+                             "(train.cuda_graphs=on) and compare their losses; auto: both on "
+                             "CUDA, off elsewhere")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference loop (ours only)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
@@ -597,15 +516,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     resolution = args.resolution or (64 if args.tiny else 512)
-    bf16_frozen = (args.bf16_frozen == "on"
+    bf16_frozen = (args.bf16_frozen in ("on", "only")
                    or (args.bf16_frozen == "auto" and device.type == "cuda"))
+    graphs = args.graphs == "both" or (args.graphs == "auto" and device.type == "cuda")
+    if graphs and device.type != "cuda":
+        raise SystemExit("--graphs both needs CUDA")
     amp = autocast_dtype(run_config(method_preset("custom-diffusion"), resolution, 1, "<x>",
                                     args.precision), device)
     if bf16_frozen and amp != torch.bfloat16:
         raise SystemExit("--bf16-frozen needs bf16 autocast (CUDA, or --precision bf16): "
                          "without it bf16 weights would meet fp32 activations")
-    rra = find_rra_extension()
-    logger.info("RRA extension: %s", rra.where or rra.note)
     started = time.perf_counter()
     info = device_info(device)
     logger.info("device: %s (%s)", info["name"], device)
@@ -628,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "frozen_weights": "per pass; the trainer's own cast (train.frozen_weights="
                                         "auto, bf16 under bf16 autocast) is the bf16 pass"},
         "weights_and_data_mib": weights_mib,
-        "rra_extension": rra.where or None, "results": [],
+        "cuda_graphs": graphs, "results": [],
         "notes": [
             "reference = diffusers train_custom_diffusion/textual_inversion loop shape with our "
             "trainable tensors (one token vector; K/V via CustomDiffusionAttnProcessor2_0) and "
@@ -637,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "peak_mib: max allocated from trainer set-up to the last step (includes frozen "
             "weights and data); step_peak_mib: during the timed steps only; "
             "allocated_before_mib: allocated when the run started",
+            "ours_graphed: train.cuda_graphs=on, the step captured after 3 eager warm-up "
+            "steps and replayed; same seed and draws as the eager run, so the per-step losses "
+            "compare (loss_agreement)",
         ],
     }
     out_path = args.out / "train_step.json"
@@ -658,39 +581,41 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"median of {args.steps} steps after {args.warmup} warm-up\n\n")
     write(TABLE_HEADER)
     names = _TokenNames()
-    passes = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16_frozen else [])
+    passes = ([] if args.bf16_frozen == "only" else [("fp32", None)]) + (
+        [("bf16", torch.bfloat16)] if bf16_frozen else [])
     for frozen, dtype in passes:
         if dtype is not None:
             components.to(device, dtype)
         for name in args.methods:
             method = method_preset(name)
             row: dict[str, Any] = {"method": name, "frozen_weights": frozen}
-            if method.rra and rra.factory is None:
-                row.update(status="skipped", note=f"skipped: {rra.note}")
-            else:
-                label = f"{name} [{frozen} frozen]"
+            label = f"{name} [{frozen} frozen]"
+            variants = [("ours", "off")] + ([("ours_graphed", "on")] if graphs else [])
+            for key, graph_mode in variants:
                 config = run_config(method, resolution, args.warmup + args.steps,
-                                    names("ours"), args.precision)
-                logger.info("%s: ours", label)
-                row["ours"] = guarded(lambda m=method, c=config: measure_ours(
-                    components, data, m, c, device, args.warmup, args.steps, rra),
-                    f"{label} ours", components, processors)
-                if not args.no_reference:
-                    ref_config = run_config(method, resolution, 1, names("ref"),
-                                            args.precision)
-                    logger.info("%s: reference", label)
-                    row["reference"] = guarded(lambda m=method, c=ref_config: measure_reference(
-                        components, data, m, c, device, args.warmup, args.steps),
-                        f"{label} reference", components, processors)
-                ours, ref = row.get("ours", {}), row.get("reference", {})
-                if ours.get("status") == "ok" and ref.get("status") == "ok":
-                    row["ratio_ours_over_reference"] = round(
-                        ours["ms_median"] / ref["ms_median"], 3)
-                if method.rra:
-                    row["note"] = (f"RRA from {rra.where}; reference has no RRA "
-                                   "(K/V + token loop)")
-                elif method.fdte:
-                    row["note"] = "ours trains 2 token vectors (FDTE), ref 1"
+                                    names("ours"), args.precision, cuda_graphs=graph_mode)
+                logger.info("%s: %s", label, key)
+                row[key] = guarded(lambda m=method, c=config: measure_ours(
+                    components, data, m, c, device, args.warmup, args.steps),
+                    f"{label} {key}", components, processors)
+            if graphs:
+                row["loss_agreement"] = loss_agreement(row["ours"], row["ours_graphed"])
+            if not args.no_reference:
+                ref_config = run_config(method, resolution, 1, names("ref"), args.precision)
+                logger.info("%s: reference", label)
+                row["reference"] = guarded(lambda m=method, c=ref_config: measure_reference(
+                    components, data, m, c, device, args.warmup, args.steps),
+                    f"{label} reference", components, processors)
+            ref = row.get("reference", {})
+            for key, ratio in (("ours", "ratio_ours_over_reference"),
+                               ("ours_graphed", "ratio_graphed_over_reference")):
+                run = row.get(key, {})
+                if run.get("status") == "ok" and ref.get("status") == "ok":
+                    row[ratio] = round(run["ms_median"] / ref["ms_median"], 3)
+            if method.rra:
+                row["note"] = "reference has no RRA (K/V + token loop)"
+            elif method.fdte:
+                row["note"] = "ours trains 2 token vectors (FDTE), ref 1"
             report["results"].append(row)
             save()
             write(table_row(row))

@@ -21,6 +21,7 @@ FilterShape = Literal["box", "gaussian", "butterworth"]
 BandOutput = Literal["real", "abs"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 FrozenWeights = Literal["auto", "as-loaded"]
+CudaGraphs = Literal["auto", "on", "off"]
 ReferenceChoice = Literal["other", "same"]
 MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "clipseg", "full"]
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
@@ -210,6 +211,9 @@ class TrainConfig:
     # "auto": frozen modules (UNet, VAE, text transformer) held in bf16 when autocast is bf16
     # (cast once at set-up); "as-loaded": leave them in the dtype they were loaded in
     frozen_weights: FrozenWeights = _not_hashed("auto")
+    # CUDA only: capture the training step as a CUDA graph after a few eager steps ("auto":
+    # fall back to eager steps if the capture fails; "on": fail instead; "off": always eager)
+    cuda_graphs: CudaGraphs = _not_hashed("auto")
     checkpoint_every: int = _not_hashed(100)
     validation_every: int = _not_hashed(0)  # 0: no validation images
 
@@ -234,6 +238,7 @@ class TrainConfig:
         _check(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
         _check_literal("train.precision", self.precision, Precision)
         _check_literal("train.frozen_weights", self.frozen_weights, FrozenWeights)
+        _check_literal("train.cuda_graphs", self.cuda_graphs, CudaGraphs)
         _check(self.placeholder_token.strip() == self.placeholder_token
                and " " not in self.placeholder_token and self.placeholder_token,
                f"train.placeholder_token must be one word, got {self.placeholder_token!r}")

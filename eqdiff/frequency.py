@@ -40,6 +40,10 @@ class Band(StrEnum):
     FULL = "full"
 
 
+BAND_ORDER: tuple[Band, ...] = (Band.LOW, Band.HIGH, Band.FULL)
+"""The bands in the order of ``FrequencyConfig``'s probabilities (``p_low, p_high, p_full``)."""
+
+
 def _centred_bins(n: int) -> Tensor:
     """Bin index of each position of a centred ``n``-point spectrum, ``(n,)`` float64 on CPU."""
     return torch.arange(n, dtype=torch.float64) - n // 2
@@ -211,8 +215,7 @@ def sample_bands(batch_size: int, config: FrequencyConfig,
     probabilities = torch.tensor([config.p_low, config.p_high, config.p_full],
                                  dtype=torch.float64, device=generator.device)
     draws = torch.multinomial(probabilities, batch_size, replacement=True, generator=generator)
-    order = (Band.LOW, Band.HIGH, Band.FULL)
-    return tuple(order[index] for index in draws.tolist())
+    return tuple(BAND_ORDER[index] for index in draws.tolist())
 
 
 def apply_bands(images: Tensor, bands: Sequence[Band | str],

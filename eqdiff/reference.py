@@ -46,6 +46,7 @@ RRA_PREFIX = "eqdiff_rra."
 BLOCK_PREFIXES: dict[str, str] = {"down": "down_blocks.", "mid": "mid_block.",
                                   "up": "up_blocks."}
 SELF_ATTENTION_SUFFIX = "attn1.processor"
+REFERENCE_ROWS = f"{RRA_PREFIX}reference_rows"  # the step draw: each row's reference photo
 # The RRA loss reads the reference attention of layers whose query grid side is at most this
 # (SD-1.x at 512 px: the mid block, 8×8, and up_blocks.1, 16×16 — four layers, cheap to hold
 # as explicit probabilities; 32×32 and 64×64 maps would cost up to GBs per step).
@@ -394,7 +395,6 @@ class RRAExtension:
         self.seed = 0
         self.instance_references = self.masks = torch.empty(0)  # (N, C, h, w), (N, 1, H, W)
         self.prior_references = torch.empty(0)  # (M, C, h, w) latents of augmented class images
-        self._reference_rows = torch.empty(0, dtype=torch.long)  # (Bi,) this step's references
 
     def install(self, trainer: ConceptTrainer, data: ConceptData) -> None:
         """Copy the reference UNet, install RRA on the trained UNet, encode the references."""
@@ -417,12 +417,15 @@ class RRAExtension:
         assert self.handle is not None, "install() first"
         return rra_parameters(self.handle)
 
+    def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
+        """Each instance row's reference photo for this step (host side, stateless)."""
+        rows = reference_indices(instance_indices, self.instance_references.shape[0],
+                                 step=step, seed=self.seed, choice=self.config.reference)
+        return {REFERENCE_ROWS: rows}
+
     @torch.no_grad()
     def _reference_pass(self, batch: StepBatch) -> None:
-        rows = reference_indices(batch.instance_indices, self.instance_references.shape[0],
-                                 step=batch.step, seed=self.seed, choice=self.config.reference)
-        self._reference_rows = rows
-        latents = self.instance_references[rows]
+        latents = self.instance_references[batch.draws[REFERENCE_ROWS]]
         if batch.prior_indices.numel():
             latents = torch.cat([latents, self.prior_references[batch.prior_indices]])
         timesteps = (batch.timesteps - self.config.timestep_gap).clamp_min(0)
@@ -444,7 +447,7 @@ class RRAExtension:
                                f"{self.loss_resolution}; raise loss_resolution")
         bi = batch.instance_count
         targets = self.masks[batch.instance_indices]
-        references = self.masks[self._reference_rows]
+        references = self.masks[batch.draws[REFERENCE_ROWS]]
         losses = [rra_attention_loss(p[:bi], targets, references) for p in probs.values()]
         return {"rra": torch.stack(losses).mean()}
 

@@ -8,6 +8,14 @@ reproducible on any device and a checkpoint (learned tensors, optimizer state, s
 generator state) resumes bit-identically. Side effects — progress, checkpoints, validation
 images — are callbacks. RRA (and any other UNet extension) plugs in through
 :class:`TrainingExtension`.
+
+A step has two halves. The host half draws every random number of the step from the CPU
+generator (:class:`StepDraws`) and copies them into persistent device buffers; the device half
+reads only those buffers and tensors fixed at set-up, so it has the same shapes and the same
+memory every step. On CUDA (``train.cuda_graphs``) the device half — text encoder, reference
+pass, UNet, losses, backward, clipping and the fused AdamW update — is captured once as a CUDA
+graph after a few eager warm-up steps and replayed from then on: one launch per step instead of
+thousands, with the same kernels on the same data.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,7 @@ from eqdiff.embeddings import (
     add_placeholder_token,
     install_placeholder_embeddings,
 )
-from eqdiff.frequency import Band, frequency_band, sample_bands
+from eqdiff.frequency import BAND_ORDER, Band, frequency_band, sample_bands
 from eqdiff.losses import (
     cross_attention_mask_loss,
     masked_diffusion_loss,
@@ -53,6 +61,11 @@ from eqdiff.models import SDComponents, model_identity
 logger = logging.getLogger(__name__)
 
 INSTANCE_PROMPT = "photo of a {token} {class_noun}"
+# the trainer's own step inputs; any other buffer is an extension's draw
+STEP_INPUTS = frozenset({"instance_indices", "band_slots", "latent_eps", "prior_indices",
+                         "noise", "timesteps"})
+# eager steps before the capture (on a side stream, as CUDA graph capture requires)
+CUDA_GRAPH_WARMUP_STEPS = 3
 CLASS_PROMPT = "{class_noun}"
 
 
@@ -99,6 +112,18 @@ class StepBatch:
     encoder_states: Tensor  # (Bi + Bp, L, D)
     instance_count: int
     prior_indices: Tensor  # (Bp,) long: which class image each prior row shows
+    draws: dict[str, Tensor] = field(default_factory=dict)  # extensions' draws, on the device
+
+
+@dataclass
+class StepDraws:
+    """Every random number of one step, drawn on the host in a fixed order (see
+    :meth:`ConceptTrainer.draw`). ``tensors`` are CPU tensors whose shapes are the same every
+    step; ``bands`` names each instance row's band (``tensors["band_slots"]`` indexes them)."""
+
+    step: int
+    bands: tuple[Band, ...]
+    tensors: dict[str, Tensor]
 
 
 class TrainingExtension(Protocol):
@@ -116,6 +141,12 @@ class TrainingExtension(Protocol):
     def remove(self) -> None: ...
 
     def parameters(self) -> list[nn.Parameter]: ...
+
+    def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
+        """This step's random choices as CPU tensors of fixed shapes (keys start with
+        ``prefix``); they reach :meth:`before_unet` on the device as ``batch.draws``. The device
+        half of a step must not draw or copy from the host itself (it may be a CUDA graph)."""
+        ...
 
     def before_unet(self, batch: StepBatch) -> None: ...
 
@@ -193,11 +224,11 @@ def frozen_weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype 
     return None
 
 
-def _host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Copy a CPU-drawn tensor to ``device``; on CUDA through pinned memory, without blocking."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def cuda_graph_mode(config: RunConfig, device: torch.device) -> Literal["on", "auto", "off"]:
+    """Whether the trainer captures its step as a CUDA graph: never off CUDA; on CUDA
+    ``train.cuda_graphs`` ("auto" falls back to eager steps, with a warning, if the capture
+    fails; "on" raises instead)."""
+    return config.train.cuda_graphs if device.type == "cuda" else "off"
 
 
 class ConceptTrainer:
@@ -219,6 +250,14 @@ class ConceptTrainer:
         # per-step loss values kept on the device, converted in one transfer when read
         self._pending_losses: list[tuple[tuple[str, ...], Tensor]] = []
         self._handles: list[EmbeddingHandle | ProcessorHandle] = []
+        # the device half of a step reads these buffers (the same memory every step)
+        self._inputs: dict[str, Tensor] = {}
+        self.graph_mode = cuda_graph_mode(config, self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_names: tuple[str, ...] = ()
+        self._graph_values = torch.empty(0)
+        self._warm_steps = 0
+        self._side_stream: torch.cuda.Stream | None = None
         self._install(data)
         self._precompute(data)
         for extension in self.extensions:
@@ -226,11 +265,12 @@ class ConceptTrainer:
         if self.frozen_dtype is not None:  # after every set-up encode: those stay float32
             self.components.vae.to(self.frozen_dtype)
         params = self.trainable_parameters()
+        cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             params, lr=config.train.learning_rate,
             betas=(config.train.adam_beta1, config.train.adam_beta2),
             weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon,
-            fused=self.device.type == "cuda")
+            fused=cuda, capturable=cuda)  # capturable: the step count stays on the device
 
     # ------------------------------------------------------------------ set-up
     def _install(self, data: ConceptData) -> None:
@@ -293,6 +333,13 @@ class ConceptTrainer:
             versions[Band.HIGH] = frequency_band(images, Band.HIGH, fcfg)
         self.instance_latents = {band: self.encode_distribution(v)
                                  for band, v in versions.items()}
+        # every band's latent distribution stacked, indexed on the device by the drawn slots
+        self._band_slots = {band: slot for slot, band in enumerate(
+            b for b in BAND_ORDER if b in self.instance_latents)}
+        self._band_means = torch.stack([self.instance_latents[b][0] for b in self._band_slots])
+        self._band_stds = torch.stack([self.instance_latents[b][1] for b in self._band_slots])
+        self._band_mixes = torch.cat([self.embeddings.mix_for_bands([b])
+                                      for b in self._band_slots])
         latent_side = self.instance_latents[Band.FULL][0].shape[-1]
         mcfg = self.config.masks
         pixel_masks = data.masks.to(self.device, torch.float32)
@@ -322,37 +369,67 @@ class ConceptTrainer:
                 self.class_states = c.text_encoder(class_ids)[0].float()  # fixed: no placeholder
 
     def _autocast(self) -> torch.autocast:
+        # no cast cache with graphs: cached casts would outlive the captured region
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+                              enabled=self.amp_dtype is not None,
+                              cache_enabled=self.graph_mode == "off")
 
     # ------------------------------------------------------------------ the step
-    def _draw_latents(self, dist: tuple[Tensor, Tensor], indices: Tensor) -> Tensor:
-        """indices: (n,) long on the device → (n, C, h, w) latents; ε drawn on the CPU generator."""
-        mean, std = dist[0][indices], dist[1][indices]
-        eps = _host_to_device(torch.randn(mean.shape, generator=self.generator), self.device)
-        return mean + std * eps
+    def draw(self) -> StepDraws:
+        """The host half's draws for the next step, from the CPU generator.
 
-    def _draw_batch(self) -> StepBatch:
+        The draw order is fixed (a resumed run replays it bit-identically): instance photo
+        indices, bands, one latent ε per instance row, prior indices, prior latent ε, noise,
+        timesteps; then each extension's own (stateless) draws.
+        """
         tcfg, gen = self.config.train, self.generator
         bi, bp = tcfg.instance_batch, self.prior_batch
-        # the draw order on the CPU generator is fixed (resumed runs replay it bit-identically)
-        instance_indices = _host_to_device(
-            torch.randint(self.instance_count, (bi,), generator=gen), self.device)
+        instance_indices = torch.randint(self.instance_count, (bi,), generator=gen)
         bands = (sample_bands(bi, self.config.frequency, gen) if self.method.fdte
                  else (Band.FULL,) * bi)
-        per_band = [self._draw_latents(self.instance_latents[b], instance_indices[i:i + 1])
-                    for i, b in enumerate(bands)]
-        latents = torch.cat(per_band)
-        prior_indices = torch.empty(0, dtype=torch.long, device=self.device)
+        shape = self.instance_latents[Band.FULL][0].shape[1:]
+        eps = [torch.randn((1, *shape), generator=gen) for _ in range(bi)]
+        prior_indices = torch.empty(0, dtype=torch.long)
         if bp:
-            prior_indices = _host_to_device(
-                torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen), self.device)
-            latents = torch.cat([latents, self._draw_latents(self.prior_latents, prior_indices)])
-        noise = _host_to_device(torch.randn(latents.shape, generator=gen), self.device)
+            prior_indices = torch.randint(self.prior_latents[0].shape[0], (bp,), generator=gen)
+            eps.append(torch.randn((bp, *shape), generator=gen))
+        noise = torch.randn((bi + bp, *shape), generator=gen)
+        timesteps = torch.randint(self.components.noise_scheduler.config.num_train_timesteps,
+                                  (bi + bp,), generator=gen)
+        tensors = {"instance_indices": instance_indices,
+                   "band_slots": torch.tensor([self._band_slots[b] for b in bands]),
+                   "latent_eps": torch.cat(eps), "prior_indices": prior_indices,
+                   "noise": noise, "timesteps": timesteps}
+        for extension in self.extensions:
+            tensors.update(extension.draw(self.step, instance_indices))
+        return StepDraws(self.step, bands, tensors)
+
+    def _upload(self, draws: StepDraws) -> None:
+        """Copy the draws into the persistent device buffers (on CUDA through pinned memory,
+        without blocking); the buffers keep their memory, which a captured graph reads."""
+        for name, tensor in draws.tensors.items():
+            buffer = self._inputs.get(name)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                if self._graph is not None:
+                    raise RuntimeError(f"step input {name!r} changed shape or dtype after the "
+                                       "CUDA graph was captured")
+                buffer = self._inputs[name] = torch.empty_like(tensor, device=self.device)
+            source = tensor.pin_memory() if self.device.type == "cuda" else tensor
+            buffer.copy_(source, non_blocking=True)
+
+    def _device_batch(self) -> StepBatch:
+        """The step's latents, noising and masks, computed on the device from the buffers."""
+        x = self._inputs
+        bi, bp = self.config.train.instance_batch, self.prior_batch
+        indices, slots, eps = x["instance_indices"], x["band_slots"], x["latent_eps"]
+        latents = self._band_means[slots, indices] + self._band_stds[slots, indices] * eps[:bi]
+        if bp:
+            mean, std = self.prior_latents
+            prior = x["prior_indices"]
+            latents = torch.cat([latents, mean[prior] + std[prior] * eps[bi:]])
+        noise, timesteps = x["noise"], x["timesteps"]
         scheduler = self.components.noise_scheduler
-        timesteps = _host_to_device(torch.randint(scheduler.config.num_train_timesteps,
-                                                  (bi + bp,), generator=gen), self.device)
-        masks = self.latent_masks[instance_indices]
+        masks = self.latent_masks[indices]
         if self.method.mgdp:
             noisy_inst = masked_noising(latents[:bi], noise[:bi], timesteps[:bi], masks,
                                         scheduler)
@@ -360,9 +437,10 @@ class ConceptTrainer:
             noisy_inst = scheduler.add_noise(latents[:bi], noise[:bi], timesteps[:bi])
         noisy = torch.cat([noisy_inst, scheduler.add_noise(latents[bi:], noise[bi:],
                                                            timesteps[bi:])])
-        return StepBatch(self.step, instance_indices, bands, timesteps, noise, noisy, masks,
+        extension_draws = {name: x[name] for name in x if name not in STEP_INPUTS}
+        return StepBatch(self.step, indices, (), timesteps, noise, noisy, masks,
                          encoder_states=torch.empty(0), instance_count=bi,
-                         prior_indices=prior_indices)
+                         prior_indices=x["prior_indices"], draws=extension_draws)
 
     def _targets(self, batch: StepBatch) -> Tensor:
         scheduler = self.components.noise_scheduler
@@ -372,11 +450,16 @@ class ConceptTrainer:
         raise ValueError(f"prediction type {kind!r} is not supported for customization "
                          "(SD-1.x predicts epsilon)")
 
-    def train_step(self) -> StepResult:
+    def _device_step(self) -> tuple[tuple[str, ...], Tensor]:
+        """The device half: forward, losses, backward, clipping, the optimizer update.
+
+        Reads only the step buffers and set-up tensors and never synchronises, so it can be
+        captured as a CUDA graph. Returns the loss names and their (detached) values.
+        """
         c = self.components
-        batch = self._draw_batch()
+        batch = self._device_batch()
         bi = batch.instance_count
-        mix = self.embeddings.mix_for_bands(batch.bands)
+        mix = self._band_mixes[self._inputs["band_slots"]]
         with self._autocast():
             ids = self.instance_ids.expand(bi, -1)
             with self.embeddings.mixing(mix):
@@ -416,10 +499,69 @@ class ConceptTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         for extension in self.extensions:
             extension.after_step()
+        return losses.stacked()
+
+    def _run_device_step(self) -> tuple[tuple[str, ...], Tensor]:
+        """Run the device half eagerly, as a warm-up step on a side stream, or as a graph."""
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_names, self._graph_values.clone()  # the next replay overwrites
+        if self.graph_mode == "off":
+            return self._device_step()
+        if self._warm_steps >= CUDA_GRAPH_WARMUP_STEPS:
+            try:
+                return self._capture()
+            except Exception as err:  # noqa: BLE001 — any capture failure: continue eagerly
+                if self.graph_mode == "on":
+                    raise
+                self._drop_graph()
+                self.graph_mode = "off"
+                logger.warning("CUDA graph capture failed (%s: %s); this run continues "
+                               "without graphs", type(err).__name__, str(err).splitlines()[0])
+                return self._device_step()
+        if self._side_stream is None:  # capture wants the warm-up off the main stream
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            result = self._device_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._warm_steps += 1
+        return result
+
+    def _capture(self) -> tuple[tuple[str, ...], Tensor]:
+        """Capture the device half as a CUDA graph, then replay it once for this step."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            names, values = self._device_step()
+        self._graph, self._graph_names, self._graph_values = graph, names, values
+        logger.info("captured the training step as a CUDA graph after %d eager steps",
+                    self._warm_steps)
+        graph.replay()
+        return names, values.clone()
+
+    def _drop_graph(self) -> None:
+        self._graph = None
+        self._graph_values = torch.empty(0)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether steps now replay a captured CUDA graph."""
+        return self._graph is not None
+
+    def train_step(self) -> StepResult:
+        draws = self.draw()
+        self._upload(draws)
+        names, values = self._run_device_step()
         self.step += 1
-        names, values = losses.stacked()
         self._pending_losses.append((names, values))
-        return StepResult(self.step, self.total_steps, names, values, batch.bands)
+        return StepResult(self.step, self.total_steps, names, values, draws.bands)
 
     @property
     def loss_history(self) -> list[dict[str, float]]:
@@ -475,6 +617,7 @@ class ConceptTrainer:
 
     def remove(self) -> None:
         """Uninstall hooks and processors: the base model is as it was loaded (plus the token)."""
+        self._drop_graph()
         for extension in reversed(self.extensions):
             extension.remove()
         for handle in reversed(self._handles):
