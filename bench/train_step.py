@@ -1,12 +1,12 @@
 """Training-step benchmark: ``ConceptTrainer.train_step`` against a plain diffusers-style loop.
 
-For each method preset (textual-inversion, custom-diffusion, eqdiff-no-rra, and eqdiff when an
-RRA training extension exists in the code) this times our trainer's step after warm-up (median
-and p90 of many steps) and its peak memory, and — in the same process, on the same components,
-with the same trainable tensors and batch — a reference loop in the shape of diffusers'
-``train_custom_diffusion.py`` / ``textual_inversion.py``: VAE encode, text encoder on every
-prompt, noise, UNet, MSE (+ prior MSE), backward, grad-clip, AdamW, ``loss.item()``. The table
-reports ours/reference ratios, which are what compare across machines.
+For each method preset (textual-inversion, custom-diffusion, eqdiff-no-rra, eqdiff) this times
+our trainer's step after warm-up (median and p90 of many steps) and its peak memory, and — in
+the same process, on the same components, with the same trainable tensors and batch — a
+reference loop in the shape of diffusers' ``train_custom_diffusion.py`` /
+``textual_inversion.py``: VAE encode, text encoder on every prompt, noise, UNet, MSE (+ prior
+MSE), backward, grad-clip, AdamW, ``loss.item()``. The table reports ours/reference ratios,
+which are what compare across machines.
 
 The reference trains exactly our tensors: one placeholder vector injected at the token's
 position (not the whole embedding table the diffusers scripts train) and, where the method
@@ -19,12 +19,15 @@ K/V + token loop. Images are on the device before the loop (no data loader in ei
 Both loops run under the trainer's precision (``precision="auto"``: bf16 autocast on CUDA with
 fp32 frozen weights, plain fp32 on CPU). On CUDA a second pass (``--bf16-frozen``, default on
 CUDA) casts the frozen modules to bf16 and runs everything again, measuring that lever (the
-diffusers scripts keep frozen weights in the half-precision ``weight_dtype``).
+diffusers scripts keep frozen weights in the half-precision ``weight_dtype``). On CUDA our
+trainer runs twice per method, eagerly and with its CUDA-graph step (``--graphs``), and the
+two runs' per-step losses are compared.
 
     # tiny offline model on CPU, 64 px (seconds)
     .venv/bin/python bench/train_step.py --tiny --out bench/results
-    # SD-1.5-shaped random model at 512 px on CUDA (the lent H100/H200; ~2-3 minutes)
-    PYTHONUNBUFFERED=1 .venv/bin/python bench/train_step.py --out bench/results
+    # SD-1.5-shaped random model at 512 px on CUDA, the trainer's GPU default pass only
+    # (the lent H100: ~95 s)
+    PYTHONUNBUFFERED=1 .venv/bin/python bench/train_step.py --bf16-frozen only --out bench/results
     # the full path's code on CPU at a small size (sanity check, not a measurement)
     .venv/bin/python bench/train_step.py --device cpu --resolution 128 --steps 1 --warmup 0
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eqdiff.attention import ProcessorHandle, attention_modules
 from eqdiff.config import MethodConfig, RRABlock, RRAConfig
@@ -51,6 +52,11 @@ REFERENCE_ROWS = f"{RRA_PREFIX}reference_rows"  # the step draw: each row's refe
 # (SD-1.x at 512 px: the mid block, 8×8, and up_blocks.1, 16×16 — four layers, cheap to hold
 # as explicit probabilities; 32×32 and 64×64 maps would cost up to GBs per step).
 DEFAULT_LOSS_RESOLUTION = 16
+# SDPA backends for the RRA branch: not cuDNN's, whose backward failed on these layers on an
+# H100 (torch 2.11: "mha_graph.execute ... is_good()" under CUDA_LAUNCH_BLOCKING, an illegal
+# memory access without it); flash and memory-efficient attention train them correctly
+RRA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
 
 
 class ReferenceBank:
@@ -204,7 +210,9 @@ class RRAProcessor(nn.Module):
         query = _heads(attn.to_q(hidden_states), heads)
         key = _heads(attn.to_k(hidden_states), heads)
         value = _heads(attn.to_v(hidden_states), heads)
-        a_self = _merge_heads(F.scaled_dot_product_attention(query, key, value)).to(query.dtype)
+        with sdpa_kernel(RRA_SDPA_BACKENDS):
+            a_self = _merge_heads(F.scaled_dot_product_attention(query, key, value)
+                                  ).to(query.dtype)
         o_self = attn.to_out[1](attn.to_out[0](a_self))
 
         reference = self.bank.read(self.name)  # projected before broadcasting: Br rows of work
@@ -216,8 +224,9 @@ class RRAProcessor(nn.Module):
             self.capture.record(self.name, probs)
             a_ref = probs.to(ref_value.dtype) @ ref_value
         else:
-            a_ref = F.scaled_dot_product_attention(query, ref_key.to(query.dtype),
-                                                   ref_value.to(query.dtype))
+            with sdpa_kernel(RRA_SDPA_BACKENDS):
+                a_ref = F.scaled_dot_product_attention(query, ref_key.to(query.dtype),
+                                                       ref_value.to(query.dtype))
         mixed = self.to_out(torch.cat([_merge_heads(a_ref).to(a_self.dtype), a_self], dim=-1))
         o_ref, gate = mixed[..., :-1], unit_clamp(mixed[..., -1:])
         return (1 - gate) * o_self + gate * o_ref
