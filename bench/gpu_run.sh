@@ -21,4 +21,4 @@ stage gpu_tests "${TEST_TIMEOUT:-100}" python3 -m pytest -p no:cacheprovider -m 
     tests/test_cuda_graphs.py
 stage concepts_per_gpu "${CONCEPTS_TIMEOUT:-150}" python3 bench/concepts_per_gpu.py --out "$OUT"
 stage sampling "${SAMPLE_TIMEOUT:-180}" python3 bench/sampling_throughput.py --batch 8 \
-    --steps 50 --repeat 2 --out "$OUT"
+    --steps 50 --repeat 1 --out "$OUT"

@@ -3,11 +3,16 @@ against a plain ``StableDiffusionPipeline`` call on the same modules in the same
 
 Rows per batch size: ``pipeline`` (diffusers, base model), ``base`` (our loop, no concept),
 ``kv`` (a concept with token + K/V), ``rra`` (token + K/V + RRA: one reference-UNet pass per
-denoising step for the whole batch). Concepts carry random weights: speed does not depend on
-the values. ``--tiny`` uses the tiny offline SD on the CPU (64 px); otherwise random modules
-with SD-1.5's shapes (512 px), fp16 on CUDA when available.
+denoising step for the whole batch), ``rra xN`` (N batches in one call, the reference pass
+once per step for all of them). On CUDA each of ours runs eagerly and, as ``… graph``, with
+the UNet calls replayed from CUDA graphs (``sample.cuda_graphs``; capture included in the
+time). Concepts carry random weights: speed does not depend on the values. ``--tiny`` uses the
+tiny offline SD on the CPU (64 px); otherwise random modules with SD-1.5's shapes (512 px),
+fp16 on CUDA when available. Rows are printed, and the JSON rewritten, after each batch size.
 
     .venv/bin/python bench/sampling_throughput.py --tiny --out bench/results
+    PYTHONUNBUFFERED=1 python3 bench/sampling_throughput.py --batch 8 --steps 50 --repeat 1 \
+        --out "$OUT"    # the lent GPU: ~2 min
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,8 +105,14 @@ def main() -> None:
                         help="the 'rra xN' variant draws N batches in one call: its reference "
                              "pass runs once per step for all of them (as the pipeline's "
                              "generation stage does)")
+    parser.add_argument("--variants", nargs="+", default=["base", "kv", "rra"],
+                        choices=("base", "kv", "rra"), help="our variants (default: all)")
+    parser.add_argument("--graphs", choices=("auto", "both", "off"), default="auto",
+                        help="both: ours eagerly and with CUDA graphs (auto: both on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
     args = parser.parse_args()
+    if args.graphs == "both" and (args.tiny or not torch.cuda.is_available()):
+        parser.error("--graphs both needs CUDA (and not --tiny)")
     steps = args.steps or (5 if args.tiny else 20)
     resolution = 64 if args.tiny else 512
 
@@ -109,8 +121,12 @@ def main() -> None:
         components, device, dtype = _components(args.tiny, folder)
         kv_concept = _concept(components, folder, rra=False)
         rra_concept = _concept(components, folder, rra=True)
-        sample = SampleConfig(steps=steps, resolution=resolution, batch_size=max(args.batch))
-        generator = ConceptGenerator(components, sample, device=device, dtype=dtype)
+        sample = SampleConfig(steps=steps, resolution=resolution, batch_size=max(args.batch),
+                              cuda_graphs="off")
+        generators = {"": ConceptGenerator(components, sample, device=device, dtype=dtype)}
+        if args.graphs == "both" or (args.graphs == "auto" and device.type == "cuda"):
+            generators[" graph"] = ConceptGenerator(components, replace(sample, cuda_graphs="on"),
+                                                    device=device, dtype=dtype)
         pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder,
             tokenizer=components.tokenizer, unet=components.unet,
@@ -119,8 +135,12 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         reference = torch.rand(3, resolution, resolution,
                                generator=torch.Generator().manual_seed(1)) * 2 - 1
+        concepts = {"base": (None, None), "kv": (kv_concept, None),
+                    "rra": (rra_concept, reference)}
 
         rows = []
+        sys.stdout.write(f"{'batch':>5} {'variant':>15} {'s/call':>9} {'img/s':>8} "
+                         f"{'vs pipeline':>12}\n")
         for batch in args.batch:
             requests = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch)]
             prompts = [r.prompt for r in requests]
@@ -128,42 +148,46 @@ def main() -> None:
                 "pipeline": lambda p=prompts, b=batch: pipe(
                     p, num_inference_steps=steps, height=resolution, width=resolution,
                     generator=[torch.Generator().manual_seed(i) for i in range(b)],
-                    output_type="pt"),
-                "base": lambda r=requests: generator.generate(None, r),
-                "kv": lambda r=requests: generator.generate(kv_concept, r),
-                "rra": lambda r=requests: generator.generate(rra_concept, r,
-                                                             reference_image=reference),
-            }
+                    output_type="pt")}
+            images = {"pipeline": batch}
             calls = args.batches_per_call
-            images = dict.fromkeys(runs, batch)
-            if calls > 1:
-                many = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i)
-                        for i in range(batch * calls)]
-                runs[f"rra x{calls}"] = lambda r=many, b=batch: generator.generate(
-                    rra_concept, r, reference_image=reference, batch_size=b)
-                images[f"rra x{calls}"] = batch * calls
+            many = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch * calls)]
+            for suffix, generator in generators.items():
+                for name in args.variants:
+                    concept, image = concepts[name]
+                    runs[name + suffix] = lambda g=generator, c=concept, i=image, r=requests: (
+                        g.generate(c, r, reference_image=i))
+                    images[name + suffix] = batch
+                    if name == "rra" and calls > 1:
+                        runs[f"rra x{calls}{suffix}"] = lambda g=generator, b=batch, m=many: (
+                            g.generate(rra_concept, m, reference_image=reference, batch_size=b))
+                        images[f"rra x{calls}{suffix}"] = batch * calls
             seconds = _timed(runs, args.repeat, device)
             per_image_pipeline = seconds["pipeline"] / batch
             for name, value in seconds.items():
-                rows.append({"batch": batch, "variant": name, "seconds": round(value, 4),
-                             "images_per_s": round(images[name] / value, 3),
-                             "vs_pipeline": round(per_image_pipeline * images[name] / value,
-                                                  3)})
+                row = {"batch": batch, "variant": name, "seconds": round(value, 4),
+                       "images_per_s": round(images[name] / value, 3),
+                       "vs_pipeline": round(per_image_pipeline * images[name] / value, 3)}
+                rows.append(row)
+                sys.stdout.write(f"{batch:>5} {name:>15} {row['seconds']:>9.3f} "
+                                 f"{row['images_per_s']:>8.2f} {row['vs_pipeline']:>12.2f}\n")
+            sys.stdout.flush()
+            _save(args.out, args.tiny, device, dtype, steps, resolution, sample, rows)
 
-    table = [f"{'batch':>5} {'variant':>9} {'s/call':>9} {'img/s':>8} {'vs pipeline':>12}"]
-    table += [f"{r['batch']:>5} {r['variant']:>9} {r['seconds']:>9.3f} {r['images_per_s']:>8.2f} "
-              f"{r['vs_pipeline']:>12.2f}" for r in rows]
-    sys.stdout.write("\n".join(table) + "\n")
-    result = {"model": "tiny-sd" if args.tiny else "sd15-shaped-random", "device": str(device),
+
+def _save(out: Path | None, tiny: bool, device: torch.device, dtype: torch.dtype, steps: int,
+          resolution: int, sample: SampleConfig, rows: list[dict]) -> None:
+    if out is None:
+        return
+    result = {"model": "tiny-sd" if tiny else "sd15-shaped-random", "device": str(device),
               "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                               else platform.processor() or platform.machine()),
               "dtype": str(dtype), "steps": steps, "resolution": resolution,
               "guidance_scale": sample.guidance_scale, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = "sampling_tiny.json" if args.tiny else f"sampling_{device.type}.json"
-        (args.out / name).write_text(json.dumps(result, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    name = "sampling_tiny.json" if tiny else f"sampling_{device.type}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

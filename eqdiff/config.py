@@ -259,9 +259,15 @@ class SampleConfig:
     seed: int = 0
     resolution: int = 512
     batch_size: int = _not_hashed(8)
+    # CUDA only: replay the UNet calls of the denoising loop (reference pass and main pass) as
+    # CUDA graphs, captured once per shape and concept ("auto": eager if a capture fails).
+    # Off by default until the graphed images have been checked on a GPU (tests/
+    # test_cuda_graphs.py, -m gpu) and the speed measured (bench/sampling_throughput.py).
+    cuda_graphs: CudaGraphs = _not_hashed("off")
 
     def __post_init__(self) -> None:
         _check_literal("sample.scheduler", self.scheduler, SchedulerName)
+        _check_literal("sample.cuda_graphs", self.cuda_graphs, CudaGraphs)
         for name in ("steps", "images_per_prompt", "batch_size", "resolution"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1,

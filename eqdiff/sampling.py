@@ -11,6 +11,12 @@ step: the frozen reference UNet runs once per denoising step on one clean refere
 (VAE mean, not noised) at the current timestep with a plain class caption, and its bank serves
 every image of the batch and both CFG branches (broadcast, not copied).
 
+On CUDA with ``sample.cuda_graphs`` on, the two UNet calls of a step are captured once per
+shape as CUDA graphs and replayed: each call is a function of its tensor inputs only (the
+reference pass returns its bank entries; the main pass takes them as inputs), so a replay on
+copied inputs computes what the eager call computes. Graphs live for one concept's call, as
+its weights do.
+
 Seeds are derived per (subject, prompt index, k) by :func:`image_seed`, independent of the
 method, so methods are compared on identical initial noise. Noise is drawn with one CPU
 generator per image, so an image does not depend on how requests are batched.
@@ -143,6 +149,36 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
         return json.loads(image.text["eqdiff"])
 
 
+class CapturedCall:
+    """``fn(*inputs)`` captured once as a CUDA graph, then replayed on copies of new inputs.
+
+    ``fn`` must read nothing but its tensor inputs and tensors whose memory stays put (module
+    weights), and return a tensor or a list of tensors. The returned tensors are the graph's
+    own: the next replay overwrites them (clone what must outlive it).
+    """
+
+    WARMUP_CALLS = 2  # eager calls on a side stream before the capture, as CUDA graphs require
+
+    def __init__(self, fn: Callable[..., Any], inputs: Sequence[Tensor]) -> None:
+        device = inputs[0].device
+        self.inputs = [tensor.clone() for tensor in inputs]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                fn(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
 @dataclass
 class _ActiveConcept:
     """A concept applied to the generator for one call, with what RRA needs per step."""
@@ -153,9 +189,10 @@ class _ActiveConcept:
     writers: ProcessorHandle | None = None
     reference_latent: Tensor | None = None  # (1, C, h, w) clean VAE mean
     reference_states: Tensor | None = None  # (1, L, D) caption states
+    layers: list[str] = field(default_factory=list)  # RRA layers: the order of bank entries
     # the reference bank of each denoising step, kept for the later batches of the same call:
     # the reference pass depends only on the step, so it runs once per step per call
-    banks: list[dict[str, Tensor]] = field(default_factory=list)
+    banks: list[list[Tensor]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
 
     def remove(self) -> None:
@@ -185,6 +222,8 @@ class ConceptGenerator:
         self.bank = ReferenceBank()
         # made while the UNet holds the base K/V: it keeps private copies of them
         self.reference_unet = frozen_reference_unet(components.unet)
+        self.graph_mode = sample.cuda_graphs if self.device.type == "cuda" else "off"
+        self._graphs: dict[tuple, CapturedCall] = {}  # by call kind and input shapes
 
     @classmethod
     def from_pretrained(cls, source: str, sample: SampleConfig = SampleConfig(),
@@ -216,6 +255,7 @@ class ConceptGenerator:
         try:
             if has_rra:
                 names = rra_layers_of(concept.tensors)
+                active.layers = names
                 active.rra = install_rra(c.unet, self.bank, names)
                 load_rra_tensors(active.rra, concept.tensors)
                 for processor in active.rra.installed.values():
@@ -256,6 +296,7 @@ class ConceptGenerator:
             if active is not None:
                 active.remove()
             self.bank.clear()
+            self._graphs = {}  # captured with this concept's weights and processors
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
 
@@ -322,23 +363,73 @@ class ConceptGenerator:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generators)
         rra = active is not None and active.rra is not None
+        layers = active.layers if rra else []
         for index, t in enumerate(scheduler.timesteps):
+            entries: list[Tensor] = []
             if rra:  # one reference pass per step serves every image, both CFG branches and
                 #      every later batch of this call (its bank is kept per step)
                 if index < len(active.banks):
-                    for name, entry in active.banks[index].items():
-                        self.bank.write(name, entry)
+                    entries = active.banks[index]
                 else:
-                    self.reference_unet(active.reference_latent, t, active.reference_states)
-                    if keep_banks:
-                        active.banks.append({n: self.bank.read(n) for n in self.bank.names()})
+                    entries = self._call("reference", self._reference_pass,
+                                         active.reference_latent, t, active.reference_states,
+                                         layers=layers)
+                    if keep_banks:  # a graph's outputs are overwritten by its next replay
+                        active.banks.append([entry.clone() for entry in entries]
+                                            if self.graph_mode != "off" else entries)
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = c.unet(model_input, t, states).sample
-            self.bank.clear()
+            noise = self._call("unet", self._unet_pass, model_input, t, states, *entries,
+                               layers=layers)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + s.guidance_scale * (text - uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         decoded = c.vae.decode(latents / c.vae.config.scaling_factor).sample
         return (decoded / 2 + 0.5).clamp(0, 1).float().cpu()
+
+    def _reference_pass(self, latent: Tensor, t: Tensor, states: Tensor, *,
+                        layers: Sequence[str]) -> list[Tensor]:
+        """The reference UNet on the clean reference latent: its bank entries, in ``layers``
+        order."""
+        self.bank.clear()
+        self.reference_unet(latent, t, states)
+        entries = [self.bank.read(name) for name in layers]
+        self.bank.clear()
+        return entries
+
+    def _unet_pass(self, sample: Tensor, t: Tensor, states: Tensor, *entries: Tensor,
+                   layers: Sequence[str]) -> Tensor:
+        """The (concept's) UNet's noise prediction, its RRA layers reading ``entries``."""
+        self.bank.clear()
+        for name, entry in zip(layers, entries, strict=True):
+            self.bank.write(name, entry)
+        noise = self.components.unet(sample, t, states).sample
+        self.bank.clear()
+        return noise
+
+    def _call(self, kind: str, fn: Callable[..., Any], *inputs: Tensor,
+              layers: Sequence[str]) -> Any:
+        """``fn(*inputs, layers=layers)``, replayed from a CUDA graph per input shape when
+        graphs are on (captured at the first call with that shape)."""
+        def bound(*args: Tensor) -> Any:
+            return fn(*args, layers=layers)
+
+        if self.graph_mode == "off":
+            return bound(*inputs)
+        key = (kind, tuple(layers), *((tuple(x.shape), x.dtype) for x in inputs))
+        call = self._graphs.get(key)
+        if call is None:
+            try:
+                call = self._graphs[key] = CapturedCall(bound, inputs)
+            except Exception as err:  # noqa: BLE001 — any capture failure: continue eagerly
+                if self.graph_mode == "on":
+                    raise
+                self.graph_mode = "off"
+                self._graphs = {}
+                self.bank.clear()
+                torch.cuda.synchronize(self.device)
+                logger.warning("CUDA graph capture failed (%s: %s); sampling continues "
+                               "without graphs", type(err).__name__, str(err).splitlines()[0])
+                return bound(*inputs)
+        return call(*inputs)

@@ -1,19 +1,24 @@
-"""The CUDA-graph training step (issue 10) trains like the eager step.
+"""CUDA graphs (issue 10): the graphed training step trains like the eager step, and graphed
+sampling draws the eager images.
 
-The host half of a step draws into persistent buffers; the device half reads only them, which
-is what lets it be captured as a CUDA graph. The CPU tests check that structure; the ``gpu``
-tests (run on a CUDA machine: ``pytest -m gpu tests/test_cuda_graphs.py``) check that the
-captured step gives the eager step's losses and learned tensors, also across a resume.
+The host half of a training step draws into persistent buffers; the device half reads only
+them, which is what lets it be captured as a CUDA graph. The CPU tests check that structure;
+the ``gpu`` tests (run on a CUDA machine: ``pytest -m gpu tests/test_cuda_graphs.py``) check
+that the captured step gives the eager step's losses and learned tensors, also across a
+resume, and that replayed UNet calls give the eager images.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
-from synthetic import RESOLUTION
+from synthetic import RESOLUTION, random_concept
 from synthetic import random_concept_data as make_data
 
-from eqdiff.config import RunConfig, TrainConfig, method_preset
+from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
 from eqdiff.models import load_sd_components
 from eqdiff.reference import training_extensions
+from eqdiff.sampling import ConceptGenerator, plan_requests
 from eqdiff.training import ConceptTrainer, cuda_graph_mode, train_concept
 from eqdiff.zoo import build_tiny_sd
 
@@ -38,6 +43,16 @@ def test_graphs_are_off_off_cuda_and_the_setting_is_checked():
     assert cuda_graph_mode(_config(2, "off"), cuda) == "off"
     with pytest.raises(ValueError, match="train.cuda_graphs"):
         _config(2, "always")
+    with pytest.raises(ValueError, match="sample.cuda_graphs"):
+        SampleConfig(cuda_graphs="always")
+
+
+def test_sampling_without_cuda_never_captures(tiny_sd):
+    generator = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True),
+                                 SampleConfig(steps=2, resolution=RESOLUTION, cuda_graphs="on"))
+    assert generator.graph_mode == "off"
+    generator.generate(None, plan_requests("ball", ["a ball"], 1, base_seed=0))
+    assert generator._graphs == {}
 
 
 def test_the_device_half_reads_the_same_buffers_every_step(tiny_sd):
@@ -69,6 +84,46 @@ def test_draws_depend_only_on_the_generator_and_step(tiny_sd):
     finally:
         first.remove()
         second.remove()
+
+
+class ReplayOnCopies:
+    """CPU stand-in for :class:`eqdiff.sampling.CapturedCall` with a graph's memory semantics:
+    ``fn`` runs on the call's own copies of the inputs, and every call's results land in the
+    tensors the first call returned (a replay overwrites its outputs)."""
+
+    def __init__(self, fn, inputs):
+        self.fn = fn
+        self.inputs = [tensor.clone() for tensor in inputs]
+        self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs):
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        fresh = self.fn(*self.inputs)
+        for output, value in zip(*(x if isinstance(x, list) else [x]
+                                   for x in (self.outputs, fresh)), strict=True):
+            output.copy_(value)
+        return self.outputs
+
+
+def test_replayed_calls_on_static_memory_draw_the_eager_images(tiny_sd, tmp_path,
+                                                                monkeypatch):
+    """The sampling loop's graph plumbing, on the CPU: UNet calls that read copied inputs and
+    overwrite their outputs give the eager images, also for the batches that reuse the first
+    batch's reference banks (kept as clones) and for the partial last batch."""
+    sample = SampleConfig(steps=3, resolution=RESOLUTION, batch_size=4)
+    eager = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+    replayed = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+    monkeypatch.setattr("eqdiff.sampling.CapturedCall", ReplayOnCopies)
+    replayed.graph_mode = "on"
+    concept = random_concept(tiny_sd, tmp_path / "rra", rra=True)
+    requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 5,
+                             base_seed=0)
+    reference = torch.rand(3, RESOLUTION, RESOLUTION,
+                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    want = eager.generate(concept, requests, reference_image=reference)
+    got = replayed.generate(concept, requests, reference_image=reference)
+    assert torch.equal(torch.stack([g.image for g in got]), torch.stack([g.image for g in want]))
 
 
 # ---------------------------------------------------------------------------- on CUDA
@@ -123,3 +178,29 @@ def test_graphed_resume_equals_an_uninterrupted_graphed_run(tiny_sd_cuda, tmp_pa
                                [h["loss"] for h in whole.loss_history], rtol=1e-3, atol=1e-5)
     for name, tensor in whole.tensors.items():
         torch.testing.assert_close(resumed.tensors[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_graphed_sampling_draws_the_eager_images(tiny_sd_cuda, tmp_path):
+    """Base model, a K/V concept and an RRA concept over a full and a partial batch (the
+    second batch reuses the first's reference banks): replayed graphs give the eager images."""
+    sample = SampleConfig(steps=3, resolution=RESOLUTION, batch_size=4)
+
+    def generator(mode):
+        components = load_sd_components(tiny_sd_cuda, local_files_only=True)
+        return ConceptGenerator(components, replace(sample, cuda_graphs=mode), device="cuda",
+                                dtype=torch.float16)
+
+    eager, graphed = generator("off"), generator("on")  # "on": a failed capture raises
+    requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 3,
+                             base_seed=0)
+    reference = torch.rand(3, RESOLUTION, RESOLUTION,
+                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    concepts = [(None, None), (random_concept(tiny_sd_cuda, tmp_path / "kv", rra=False), None),
+                (random_concept(tiny_sd_cuda, tmp_path / "rra", rra=True), reference)]
+    for concept, image in concepts:
+        want = eager.generate(concept, requests, reference_image=image)
+        got = graphed.generate(concept, requests, reference_image=image)
+        assert graphed._graphs == {}  # dropped with the concept
+        torch.testing.assert_close(torch.stack([g.image for g in got]),
+                                   torch.stack([g.image for g in want]), atol=2e-3, rtol=0)

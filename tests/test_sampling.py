@@ -1,23 +1,15 @@
 """The concept generator on the tiny offline SD: equality with diffusers, batching, RRA,
 concept switching, seeds and PNG metadata, and the whole EqDiff method end to end."""
 
-import copy
-
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from synthetic import random_concept as _concept
 
 from eqdiff.concept import ConceptError, load_concept, save_concept
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
 from eqdiff.models import load_sd_components
-from eqdiff.reference import (
-    ReferenceBank,
-    RRAProcessor,
-    install_rra,
-    rra_layer_names,
-    rra_learned_tensors,
-    training_extensions,
-)
+from eqdiff.reference import RRAProcessor, training_extensions
 from eqdiff.sampling import (
     ConceptGenerator,
     ImageRequest,
@@ -36,29 +28,6 @@ SAMPLE = SampleConfig(steps=2, resolution=RESOLUTION, batch_size=4)
 @pytest.fixture(scope="module")
 def generator(tiny_sd):
     return ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), SAMPLE)
-
-
-def _concept(tiny_sd, folder, *, rra, seed=0, base_model=None):
-    """A concept with random (trained-looking) token, K/V and optionally RRA tensors."""
-    gen = torch.Generator().manual_seed(seed)
-    unet = copy.deepcopy(load_sd_components(tiny_sd, local_files_only=True).unet)
-    tensors = {"eqdiff_token.vectors": torch.randn(2, 32, generator=gen)}
-    for name, param in unet.named_parameters():
-        if ".attn2.to_k." in name or ".attn2.to_v." in name:
-            tensors[f"eqdiff_kv.{name}"] = param.detach() + 0.1 * torch.randn(
-                param.shape, generator=gen)
-    if rra:
-        handle = install_rra(unet, ReferenceBank(), rra_layer_names(unet, ("mid", "up")))
-        with torch.no_grad():
-            for processor in handle.installed.values():
-                for param in processor.parameters():
-                    param.add_(0.1 * torch.randn(param.shape, generator=gen))
-                processor.to_out.bias[-1] = 0.5  # gates open
-        tensors.update(rra_learned_tensors(handle))
-    record = {"subject": f"ball{seed}", "class_noun": "ball", "placeholder_token": "<eqd>",
-              "method": {"name": "eqdiff" if rra else "eqdiff-no-rra"}}
-    save_concept(folder, tensors, record, base_model=base_model or tiny_sd)
-    return load_concept(folder)
 
 
 def _reference_image(seed=3):
