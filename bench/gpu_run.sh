@@ -19,6 +19,7 @@ stage train_step "${TRAIN_TIMEOUT:-200}" python3 bench/train_step.py --bf16-froz
     --out "$OUT"
 stage gpu_tests "${TEST_TIMEOUT:-100}" python3 -m pytest -p no:cacheprovider -m gpu -q \
     tests/test_cuda_graphs.py
+stage profile "${PROFILE_TIMEOUT:-60}" python3 bench/profile_step.py --out "$OUT"
 stage concepts_per_gpu "${CONCEPTS_TIMEOUT:-150}" python3 bench/concepts_per_gpu.py --out "$OUT"
 stage sampling "${SAMPLE_TIMEOUT:-180}" python3 bench/sampling_throughput.py --batch 8 \
     --steps 50 --repeat 1 --out "$OUT"
