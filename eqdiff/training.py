@@ -514,7 +514,10 @@ class ConceptTrainer:
             except Exception as err:  # noqa: BLE001 — any capture failure: continue eagerly
                 if self.graph_mode == "on":
                     raise
+                self.optimizer.zero_grad(set_to_none=True)  # gradients the capture left
                 self._drop_graph()
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
                 self.graph_mode = "off"
                 logger.warning("CUDA graph capture failed (%s: %s); this run continues "
                                "without graphs", type(err).__name__, str(err).splitlines()[0])
@@ -543,9 +546,11 @@ class ConceptTrainer:
         return names, values.clone()
 
     def _drop_graph(self) -> None:
+        """Release the captured graph and its memory pool (if any)."""
+        if self._graph is None:
+            return
         self._graph = None
         self._graph_values = torch.empty(0)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ that the captured step gives the eager step's losses and learned tensors, also a
 resume, and that replayed UNet calls give the eager images.
 """
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -86,6 +87,58 @@ def test_draws_depend_only_on_the_generator_and_step(tiny_sd):
         second.remove()
 
 
+class _NoStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _cpu_stand_ins_for_cuda(monkeypatch, graph_error: str) -> None:
+    """Let the CUDA-graph code path run on the CPU: streams and syncs do nothing, and every
+    capture fails at its start the way a capture of an unsupported operation does."""
+    def failing_capture(*args, **kwargs):
+        raise RuntimeError(graph_error)
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+
+
+def test_a_failed_capture_warns_and_trains_on_eagerly(tiny_sd, monkeypatch, caplog):
+    """"auto": the warm-up steps, the failed capture and the eager steps after it give the
+    losses of a run that never tried; "on": the failure is raised."""
+    steps = 6
+    eager = _trainer(tiny_sd, "eqdiff", _config(steps), "cpu")
+    try:
+        for _ in range(steps):
+            eager.train_step()
+        want = eager.loss_history
+    finally:
+        eager.remove()
+    _cpu_stand_ins_for_cuda(monkeypatch, "operation not permitted when stream is capturing")
+    tried = _trainer(tiny_sd, "eqdiff", _config(steps), "cpu")
+    tried.graph_mode = "auto"
+    try:
+        for _ in range(steps):
+            tried.train_step()
+        assert tried.graph_mode == "off" and not tried.graph_captured
+        assert tried.loss_history == want
+    finally:
+        tried.remove()
+    assert "CUDA graph capture failed" in caplog.text
+    strict = _trainer(tiny_sd, "eqdiff", _config(steps), "cpu")
+    strict.graph_mode = "on"
+    try:
+        with pytest.raises(RuntimeError, match="not permitted"):
+            for _ in range(steps):
+                strict.train_step()
+    finally:
+        strict.remove()
+
+
 class ReplayOnCopies:
     """CPU stand-in for :class:`eqdiff.sampling.CapturedCall` with a graph's memory semantics:
     ``fn`` runs on the call's own copies of the inputs, and every call's results land in the
@@ -123,6 +176,24 @@ def test_replayed_calls_on_static_memory_draw_the_eager_images(tiny_sd, tmp_path
                            generator=torch.Generator().manual_seed(3)) * 2 - 1
     want = eager.generate(concept, requests, reference_image=reference)
     got = replayed.generate(concept, requests, reference_image=reference)
+    assert torch.equal(torch.stack([g.image for g in got]), torch.stack([g.image for g in want]))
+
+
+def test_sampling_after_a_failed_capture_draws_the_eager_images(tiny_sd, monkeypatch, caplog):
+    sample = SampleConfig(steps=2, resolution=RESOLUTION, batch_size=2)
+    eager = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+    tried = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+
+    def failing_capture(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr("eqdiff.sampling.CapturedCall", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    tried.graph_mode = "auto"
+    requests = plan_requests("ball", ["a ball", "a ball in the snow"], 2, base_seed=0)
+    got = tried.generate(None, requests)
+    assert tried.graph_mode == "off" and "CUDA graph capture failed" in caplog.text
+    want = eager.generate(None, requests)
     assert torch.equal(torch.stack([g.image for g in got]), torch.stack([g.image for g in want]))
 
 
