@@ -16,7 +16,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run one stage, log it, note how it e
     echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$OUT/stages.txt"
 }
 stage train_step "${TRAIN_TIMEOUT:-200}" python3 bench/train_step.py --bf16-frozen only \
-    --out "$OUT"
+    --channels-last --out "$OUT"
 stage gpu_tests "${TEST_TIMEOUT:-100}" python3 -m pytest -p no:cacheprovider -m gpu -q \
     tests/test_cuda_graphs.py
 stage profile "${PROFILE_TIMEOUT:-60}" python3 bench/profile_step.py --out "$OUT"

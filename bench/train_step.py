@@ -413,6 +413,11 @@ def table_row(row: dict[str, Any]) -> str:
     notes = [row["note"]] if row.get("note") else []
     if graphed and graphed.get("status") == "ok" and not graphed.get("cuda_graph"):
         notes.append("graph capture failed: eager steps")
+    channels_last = row.get("ours_graphed_channels_last")
+    if channels_last and channels_last.get("status") == "ok" and graphed \
+            and graphed.get("status") == "ok":
+        notes.append(f"channels-last graph {channels_last['ms_median']:.1f} ms "
+                     f"({channels_last['ms_median'] / graphed['ms_median']:.2f}× graph)")
     agreement = row.get("loss_agreement")
     if agreement:
         notes.append(f"graph vs eager loss: max rel diff {agreement['max_rel']:.1e} over "
@@ -486,6 +491,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="both: time our trainer eagerly and with its CUDA-graph step "
                              "(train.cuda_graphs=on) and compare their losses; auto: both on "
                              "CUDA, off elsewhere")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="with graphs: also time the graphed step with the UNet in "
+                             "channels-last memory format")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference loop (ours only)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
@@ -601,6 +609,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row[key] = guarded(lambda m=method, c=config: measure_ours(
                     components, data, m, c, device, args.warmup, args.steps),
                     f"{label} {key}", components, processors)
+            if graphs and args.channels_last:  # the lever, measured before it is adopted
+                config = run_config(method, resolution, args.warmup + args.steps,
+                                    names("ours"), args.precision, cuda_graphs="on")
+                components.unet.to(memory_format=torch.channels_last)
+                logger.info("%s: ours_graphed_channels_last", label)
+                try:
+                    row["ours_graphed_channels_last"] = guarded(
+                        lambda m=method, c=config: measure_ours(
+                            components, data, m, c, device, args.warmup, args.steps),
+                        f"{label} channels-last", components, processors)
+                finally:
+                    components.unet.to(memory_format=torch.contiguous_format)
             if graphs:
                 row["loss_agreement"] = loss_agreement(row["ours"], row["ours_graphed"])
             if not args.no_reference:
