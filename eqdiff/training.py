@@ -97,14 +97,14 @@ class ConceptData:
 
 @dataclass
 class StepBatch:
-    """One step's draws, shared with extensions (RRA reads indices, timesteps and noise).
+    """One step's device tensors, shared with extensions (RRA reads indices, timesteps, noise
+    and its own draws). They live in the trainer's step buffers, so under a CUDA graph an
+    extension sees the same tensors every step.
 
     Rows are the Bi instance samples, then the Bp prior (class) samples.
     """
 
-    step: int
     instance_indices: Tensor  # (Bi,) long
-    bands: tuple[Band, ...]
     timesteps: Tensor  # (Bi + Bp,) long
     noise: Tensor  # (Bi + Bp, C, h, w)
     noisy_latents: Tensor  # (Bi + Bp, C, h, w)
@@ -121,7 +121,6 @@ class StepDraws:
     :meth:`ConceptTrainer.draw`). ``tensors`` are CPU tensors whose shapes are the same every
     step; ``bands`` names each instance row's band (``tensors["band_slots"]`` indexes them)."""
 
-    step: int
     bands: tuple[Band, ...]
     tensors: dict[str, Tensor]
 
@@ -402,7 +401,7 @@ class ConceptTrainer:
                    "noise": noise, "timesteps": timesteps}
         for extension in self.extensions:
             tensors.update(extension.draw(self.step, instance_indices))
-        return StepDraws(self.step, bands, tensors)
+        return StepDraws(bands, tensors)
 
     def _upload(self, draws: StepDraws) -> None:
         """Copy the draws into the persistent device buffers (on CUDA through pinned memory,
@@ -438,7 +437,7 @@ class ConceptTrainer:
         noisy = torch.cat([noisy_inst, scheduler.add_noise(latents[bi:], noise[bi:],
                                                            timesteps[bi:])])
         extension_draws = {name: x[name] for name in x if name not in STEP_INPUTS}
-        return StepBatch(self.step, indices, (), timesteps, noise, noisy, masks,
+        return StepBatch(indices, timesteps, noise, noisy, masks,
                          encoder_states=torch.empty(0), instance_count=bi,
                          prior_indices=x["prior_indices"], draws=extension_draws)
 
