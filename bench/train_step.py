@@ -97,12 +97,15 @@ def make_data(resolution: int, device: torch.device, seed: int = 0) -> ConceptDa
 
 def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
                precision: str = "auto", frozen_weights: str = "as-loaded",
-               cuda_graphs: str = "off") -> RunConfig:
+               cuda_graphs: str = "off", batch_multiple: int = 1) -> RunConfig:
     """The released training settings, with this run's size and a placeholder of its own.
 
     ``frozen_weights="as-loaded"``: the trainer keeps the components' dtype, which each pass
     of this benchmark sets itself (fp32 pass, then bf16 pass), so both loops see the same."""
+    batches = TrainConfig()
     return RunConfig(methods=(method,), train=TrainConfig(
+        instance_batch=batches.instance_batch * batch_multiple,
+        prior_batch=batches.prior_batch * batch_multiple,
         steps=steps, resolution=resolution, num_prior_images=PRIOR_IMAGES,
         placeholder_token=token, checkpoint_every=0, precision=precision,
         frozen_weights=frozen_weights, cuda_graphs=cuda_graphs))
@@ -418,6 +421,12 @@ def table_row(row: dict[str, Any]) -> str:
             and graphed.get("status") == "ok":
         notes.append(f"channels-last graph {channels_last['ms_median']:.1f} ms "
                      f"({channels_last['ms_median'] / graphed['ms_median']:.2f}× graph)")
+    for key, run in row.items():
+        if key.startswith("ours_graphed_batch_x") and run.get("status") == "ok" and graphed \
+                and graphed.get("status") == "ok":
+            k = int(key.removeprefix("ours_graphed_batch_x"))
+            notes.append(f"×{k} batch graph {run['ms_median']:.1f} ms "
+                         f"({run['ms_median'] / graphed['ms_median']:.2f}× graph for {k}× rows)")
     agreement = row.get("loss_agreement")
     if agreement:
         notes.append(f"graph vs eager loss: max rel diff {agreement['max_rel']:.1e} over "
@@ -494,6 +503,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true",
                         help="with graphs: also time the graphed step with the UNet in "
                              "channels-last memory format")
+    parser.add_argument("--batch-multiple", type=int, default=1,
+                        help="with graphs: also time the graphed step with N times the "
+                             "instance and prior rows (what training N subjects in one step "
+                             "would cost, before their separate weights)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference loop (ours only)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
@@ -621,6 +634,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{label} channels-last", components, processors)
                 finally:
                     components.unet.to(memory_format=torch.contiguous_format)
+            if graphs and args.batch_multiple > 1:  # what batching subjects could pay
+                k = args.batch_multiple
+                config = run_config(method, resolution, args.warmup + args.steps,
+                                    names("ours"), args.precision, cuda_graphs="on",
+                                    batch_multiple=k)
+                logger.info("%s: ours_graphed_batch_x%d", label, k)
+                row[f"ours_graphed_batch_x{k}"] = guarded(
+                    lambda m=method, c=config: measure_ours(
+                        components, data, m, c, device, args.warmup, args.steps),
+                    f"{label} batch x{k}", components, processors)
             if graphs:
                 row["loss_agreement"] = loss_agreement(row["ours"], row["ours_graphed"])
             if not args.no_reference:
