@@ -61,12 +61,12 @@ from eqdiff.models import SDComponents, model_identity
 logger = logging.getLogger(__name__)
 
 INSTANCE_PROMPT = "photo of a {token} {class_noun}"
+CLASS_PROMPT = "{class_noun}"
 # the trainer's own step inputs; any other buffer is an extension's draw
 STEP_INPUTS = frozenset({"instance_indices", "band_slots", "latent_eps", "prior_indices",
                          "noise", "timesteps"})
 # eager steps before the capture (on a side stream, as CUDA graph capture requires)
 CUDA_GRAPH_WARMUP_STEPS = 3
-CLASS_PROMPT = "{class_noun}"
 
 
 @dataclass
@@ -514,7 +514,6 @@ class ConceptTrainer:
                 if self.graph_mode == "on":
                     raise
                 self.optimizer.zero_grad(set_to_none=True)  # gradients the capture left
-                self._drop_graph()
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
                 self.graph_mode = "off"
@@ -613,6 +612,10 @@ class ConceptTrainer:
             load_kv_tensors(self.kv_handle, learned)
         for extension in self.extensions:
             extension.load_learned_tensors(learned)
+        # the optimizer gets new state tensors, which a captured graph would not see: drop it
+        # (a new one is captured after the warm-up steps)
+        self._drop_graph()
+        self._warm_steps = 0
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])

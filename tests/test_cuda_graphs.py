@@ -9,6 +9,7 @@ resume, and that replayed UNet calls give the eager images.
 """
 
 import contextlib
+import io
 from dataclasses import replace
 
 import pytest
@@ -85,6 +86,30 @@ def test_draws_depend_only_on_the_generator_and_step(tiny_sd):
     finally:
         first.remove()
         second.remove()
+
+
+def _reload_midway_replays_the_same_steps(folder: str, device: str, graphs: str) -> None:
+    """Load a step-5 state back into a trainer that went on to step 8 (and, with graphs,
+    captured its step): the three steps after it repeat the same losses."""
+    trainer = _trainer(folder, "eqdiff", _config(12, graphs), device)
+    try:
+        for _ in range(5):
+            trainer.train_step()
+        saved = io.BytesIO()  # as the checkpointer does: the state dict aliases live tensors
+        torch.save(trainer.state_dict(), saved)
+        first = [trainer.train_step() for _ in range(3)]
+        saved.seek(0)
+        trainer.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+        again = [trainer.train_step() for _ in range(3)]
+        assert [r.step for r in again] == [6, 7, 8]
+        torch.testing.assert_close([r.losses["loss"] for r in again],
+                                   [r.losses["loss"] for r in first], rtol=1e-4, atol=1e-6)
+    finally:
+        trainer.remove()
+
+
+def test_loading_a_state_midway_replays_the_same_steps(tiny_sd):
+    _reload_midway_replays_the_same_steps(tiny_sd, "cpu", "off")
 
 
 class _NoStream:
@@ -249,6 +274,13 @@ def test_graphed_resume_equals_an_uninterrupted_graphed_run(tiny_sd_cuda, tmp_pa
                                [h["loss"] for h in whole.loss_history], rtol=1e-3, atol=1e-5)
     for name, tensor in whole.tensors.items():
         torch.testing.assert_close(resumed.tensors[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_loading_a_state_into_a_graphed_trainer_replays_the_same_steps(tiny_sd_cuda):
+    """The loaded optimizer state is new memory: the trainer drops its graph and captures
+    again, instead of replaying updates into the old state."""
+    _reload_midway_replays_the_same_steps(tiny_sd_cuda, "cuda", "on")
 
 
 @pytest.mark.gpu
