@@ -22,6 +22,7 @@ BandOutput = Literal["real", "abs"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 FrozenWeights = Literal["auto", "as-loaded"]
 CudaGraphs = Literal["auto", "on", "off"]
+Compile = Literal["off", "regional"]
 ReferenceChoice = Literal["other", "same"]
 MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "clipseg", "full"]
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
@@ -214,6 +215,10 @@ class TrainConfig:
     # CUDA only: capture the training step as a CUDA graph after a few eager steps ("auto":
     # fall back to eager steps if the capture fails; "on": fail instead; "off": always eager)
     cuda_graphs: CudaGraphs = _not_hashed("auto")
+    # "regional": torch.compile the UNet's and text encoder's repeated blocks (eqdiff/
+    # compilation.py). The first step compiles (minutes with a cold inductor cache, far less
+    # from the cache a previous run on this machine left); off until measured to pay
+    compile: Compile = _not_hashed("off")
     checkpoint_every: int = _not_hashed(100)
     validation_every: int = _not_hashed(0)  # 0: no validation images
 
@@ -239,6 +244,7 @@ class TrainConfig:
         _check_literal("train.precision", self.precision, Precision)
         _check_literal("train.frozen_weights", self.frozen_weights, FrozenWeights)
         _check_literal("train.cuda_graphs", self.cuda_graphs, CudaGraphs)
+        _check_literal("train.compile", self.compile, Compile)
         _check(self.placeholder_token.strip() == self.placeholder_token
                and " " not in self.placeholder_token and self.placeholder_token,
                f"train.placeholder_token must be one word, got {self.placeholder_token!r}")
@@ -264,10 +270,14 @@ class SampleConfig:
     # Off by default until the graphed images have been checked on a GPU (tests/
     # test_cuda_graphs.py, -m gpu) and the speed measured (bench/sampling_throughput.py).
     cuda_graphs: CudaGraphs = _not_hashed("off")
+    # "regional": torch.compile the UNets' blocks, the reference UNet's and the VAE decoder's
+    # included (eqdiff/compilation.py); the first batch compiles. Off until measured to pay
+    compile: Compile = _not_hashed("off")
 
     def __post_init__(self) -> None:
         _check_literal("sample.scheduler", self.scheduler, SchedulerName)
         _check_literal("sample.cuda_graphs", self.cuda_graphs, CudaGraphs)
+        _check_literal("sample.compile", self.compile, Compile)
         for name in ("steps", "images_per_prompt", "batch_size", "resolution"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1,

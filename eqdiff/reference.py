@@ -426,6 +426,10 @@ class RRAExtension:
         assert self.handle is not None, "install() first"
         return rra_parameters(self.handle)
 
+    def networks(self) -> list[nn.Module]:
+        assert self.reference_unet is not None, "install() first"
+        return [self.reference_unet]
+
     def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
         """Each instance row's reference photo for this step (host side, stateless)."""
         rows = reference_indices(instance_indices, self.instance_references.shape[0],

@@ -15,7 +15,8 @@ On CUDA with ``sample.cuda_graphs`` on, the two UNet calls of a step are capture
 shape as CUDA graphs and replayed: each call is a function of its tensor inputs only (the
 reference pass returns its bank entries; the main pass takes them as inputs), so a replay on
 copied inputs computes what the eager call computes. Graphs live for one concept's call, as
-its weights do.
+its weights do. With ``sample.compile`` the UNets' and the VAE decoder's blocks run as
+``torch.compile``d regions (:mod:`eqdiff.compilation`), compiled at the first batch.
 
 Seeds are derived per (subject, prompt index, k) by :func:`image_seed`, independent of the
 method, so methods are compared on identical initial noise. Noise is drawn with one CPU
@@ -51,6 +52,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from eqdiff.attention import ProcessorHandle
+from eqdiff.compilation import CompiledRegions, compile_regions, compiled_calls
 from eqdiff.concept import Concept, ConceptHandle, apply_token_and_kv
 from eqdiff.config import RRAConfig, SampleConfig, SchedulerName
 from eqdiff.models import SDComponents, load_sd_components, model_identity
@@ -223,6 +225,10 @@ class ConceptGenerator:
         # made while the UNet holds the base K/V: it keeps private copies of them
         self.reference_unet = frozen_reference_unet(components.unet)
         self.graph_mode = sample.cuda_graphs if self.device.type == "cuda" else "off"
+        self.compiled: CompiledRegions | None = None
+        if sample.compile == "regional":  # after the reference copy (it gets its own)
+            self.compiled = compile_regions(self.components.unet, self.reference_unet,
+                                            self.components.vae.decoder)
         self._graphs: dict[tuple, CapturedCall] = {}  # by call kind and input shapes
 
     @classmethod
@@ -313,7 +319,8 @@ class ConceptGenerator:
         """
         size = batch_size or self.sample.batch_size
         images: list[GeneratedImage] = []
-        with self.applied(concept, reference_image) as active:
+        with (self.applied(concept, reference_image) as active,
+              compiled_calls(self.compiled, "sample.compile")):
             for start in range(0, len(requests), size):
                 chunk = list(requests[start:start + size])
                 pixels = self._denoise(chunk, active,

@@ -15,7 +15,9 @@ reads only those buffers and tensors fixed at set-up, so it has the same shapes 
 memory every step. On CUDA (``train.cuda_graphs``) the device half — text encoder, reference
 pass, UNet, losses, backward, clipping and the fused AdamW update — is captured once as a CUDA
 graph after a few eager warm-up steps and replayed from then on: one launch per step instead of
-thousands, with the same kernels on the same data.
+thousands, with the same kernels on the same data. With ``train.compile`` the UNet's and
+the text encoder's blocks (and the extensions' networks: RRA's reference UNet) run as
+``torch.compile``d regions (:mod:`eqdiff.compilation`), compiled during the first step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from eqdiff.attention import (
     kv_parameters,
     load_kv_tensors,
 )
+from eqdiff.compilation import CompiledRegions, compile_regions, compiled_calls
 from eqdiff.config import MethodConfig, RunConfig, config_hash, to_dict
 from eqdiff.embeddings import (
     EmbeddingHandle,
@@ -140,6 +143,11 @@ class TrainingExtension(Protocol):
     def remove(self) -> None: ...
 
     def parameters(self) -> list[nn.Parameter]: ...
+
+    def networks(self) -> list[nn.Module]:
+        """Frozen networks the extension runs every step (compiled with the UNet under
+        ``train.compile``)."""
+        ...
 
     def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
         """This step's random choices as CPU tensors of fixed shapes (keys start with
@@ -263,6 +271,11 @@ class ConceptTrainer:
             extension.install(self, data)
         if self.frozen_dtype is not None:  # after every set-up encode: those stay float32
             self.components.vae.to(self.frozen_dtype)
+        self.compiled: CompiledRegions | None = None
+        if config.train.compile == "regional":  # after every copy of the UNet (RRA's reference)
+            self.compiled = compile_regions(
+                self.components.unet, self.components.text_encoder,
+                *(network for extension in self.extensions for network in extension.networks()))
         params = self.trainable_parameters()
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -561,7 +574,8 @@ class ConceptTrainer:
     def train_step(self) -> StepResult:
         draws = self.draw()
         self._upload(draws)
-        names, values = self._run_device_step()
+        with compiled_calls(self.compiled, "train.compile"):
+            names, values = self._run_device_step()
         self.step += 1
         self._pending_losses.append((names, values))
         return StepResult(self.step, self.total_steps, names, values, draws.bands)
@@ -625,6 +639,8 @@ class ConceptTrainer:
     def remove(self) -> None:
         """Uninstall hooks and processors: the base model is as it was loaded (plus the token)."""
         self._drop_graph()
+        if self.compiled is not None:
+            self.compiled.remove()
         for extension in reversed(self.extensions):
             extension.remove()
         for handle in reversed(self._handles):

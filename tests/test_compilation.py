@@ -1,0 +1,208 @@
+"""Regional torch.compile (issue 10): compiled blocks train and sample like eager ones.
+
+The fast tests compile with the "aot_eager" backend: dynamo traces every block — our attention
+processors, the reference bank's writes and reads, the attention-map captures — and
+AOTAutograd builds their backward, without inductor's code generation (minutes on two cores).
+The ``slow`` test runs the real setting (``train.compile="regional"``, inductor) end to end;
+the ``gpu`` test runs it under a captured CUDA graph.
+"""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from synthetic import RESOLUTION, random_concept
+from synthetic import random_concept_data as make_data
+from torch._dynamo.utils import counters
+
+from eqdiff.compilation import compile_regions
+from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
+from eqdiff.models import load_sd_components
+from eqdiff.reference import training_extensions
+from eqdiff.sampling import ConceptGenerator, plan_requests
+from eqdiff.training import ConceptTrainer
+from eqdiff.zoo import build_tiny_sd
+
+
+def _config(steps: int, **train) -> RunConfig:
+    return RunConfig(train=TrainConfig(steps=steps, resolution=RESOLUTION, num_prior_images=4,
+                                       learning_rate=1e-3, checkpoint_every=0, **train))
+
+
+def _trainer(folder: str, config: RunConfig, device: str = "cpu") -> ConceptTrainer:
+    method = method_preset("eqdiff")
+    components = load_sd_components(folder, local_files_only=True)
+    return ConceptTrainer(components, make_data(), config, method, device=device,
+                          extensions=training_extensions(config.rra, method))
+
+
+def _train(trainer: ConceptTrainer, steps: int):
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+        return trainer.loss_history, trainer.learned_tensors()
+    finally:
+        trainer.remove()
+
+
+def _own_forwards(*networks) -> int:
+    return sum("forward" in vars(module) for network in networks
+               for module in network.modules())
+
+
+def _assert_same_training(got, want, rtol: float, atol: float) -> None:
+    """Losses to ``rtol``/``atol``; learned tensors to ``rtol`` and 10 × ``atol``: an element
+    whose gradient is about 0 takes AdamW steps of ±lr either way on a rounding difference."""
+    losses, tensors = got
+    want_losses, want_tensors = want
+    assert [h.keys() for h in losses] == [h.keys() for h in want_losses]
+    for key in want_losses[0]:
+        torch.testing.assert_close([h[key] for h in losses], [h[key] for h in want_losses],
+                                   rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+    assert tensors.keys() == want_tensors.keys()
+    for name in tensors:
+        torch.testing.assert_close(tensors[name], want_tensors[name], rtol=rtol,
+                                   atol=10 * atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_regions_are_compiled_per_instance_and_removed(tiny_sd):
+    unet = load_sd_components(tiny_sd, local_files_only=True).unet
+    blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+    class_forwards = (ResnetBlock2D.forward, BasicTransformerBlock.forward)
+    regions = compile_regions(unet)
+    assert len(regions) == len(blocks) == _own_forwards(unet)
+    assert all(block.forward.__self__ is block for block in blocks)
+    assert (ResnetBlock2D.forward, BasicTransformerBlock.forward) == class_forwards
+    copied = copy.deepcopy(unet)  # a copy's blocks call the copy, not the original
+    assert all(module.forward.__self__ is module for module in copied.modules()
+               if "forward" in vars(module))
+    with pytest.raises(ValueError, match="compiled twice"):
+        compile_regions(unet)
+    regions.remove()
+    assert _own_forwards(unet) == 0 and len(regions) == 0
+    with pytest.raises(ValueError, match="no blocks to compile"):
+        compile_regions(torch.nn.Linear(2, 2))
+
+
+def test_the_trainer_compiles_every_network_it_runs_and_restores_them(tiny_sd):
+    trainer = _trainer(tiny_sd, _config(2, compile="regional"))
+    (reference,) = trainer.extensions[0].networks()
+    networks = (trainer.components.unet, trainer.components.text_encoder, reference)
+    assert all(_own_forwards(network) for network in networks)
+    assert len(trainer.compiled) == _own_forwards(*networks)
+    trainer.remove()
+    assert _own_forwards(*networks) == 0
+
+
+def test_compiled_blocks_train_like_eager_blocks(tiny_sd):
+    """EqDiff (RRA with its bank and loss captures, K/V copies, the placeholder through the
+    text encoder), 3 steps: the same losses, parts included, and learned tensors."""
+    config = _config(3)
+    want = _train(_trainer(tiny_sd, config), 3)
+    trainer = _trainer(tiny_sd, config)
+    (reference,) = trainer.extensions[0].networks()
+    trainer.compiled = compile_regions(trainer.components.unet, trainer.components.text_encoder,
+                                       reference, backend="aot_eager")
+    counters.clear()
+    got = _train(trainer, 3)
+    assert counters["stats"]["unique_graphs"] >= 3  # compiled code ran (not eager fallback)
+    _assert_same_training(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_compile_names_the_setting_to_turn_off(tiny_sd):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    trainer = _trainer(tiny_sd, _config(2))
+    trainer.compiled = compile_regions(trainer.components.unet, backend=failing_backend)
+    try:
+        with pytest.raises(RuntimeError, match=r"set train\.compile=off") as raised:
+            trainer.train_step()
+        assert "no C++ compiler" in str(raised.value.__cause__)
+    finally:
+        trainer.remove()
+
+
+def test_compiled_blocks_sample_like_eager_blocks(tiny_sd, tmp_path):
+    """An RRA concept over a full and a partial batch: the reference UNet, the concept's UNet
+    and the VAE decoder compiled draw the eager images."""
+    sample = SampleConfig(steps=3, resolution=RESOLUTION, batch_size=3)
+    eager = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+    compiled = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
+    compiled.compiled = compile_regions(compiled.components.unet, compiled.reference_unet,
+                                        compiled.components.vae.decoder, backend="aot_eager")
+    concept = random_concept(tiny_sd, tmp_path / "rra", rra=True)
+    requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 2,
+                             base_seed=0)
+    reference = torch.rand(3, RESOLUTION, RESOLUTION,
+                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    want = eager.generate(concept, requests, reference_image=reference)
+    counters.clear()
+    got = compiled.generate(concept, requests, reference_image=reference)
+    assert counters["stats"]["unique_graphs"] >= 3
+    torch.testing.assert_close(torch.stack([g.image for g in got]),
+                               torch.stack([g.image for g in want]), atol=1e-5, rtol=0)
+
+
+def test_the_generator_compiles_its_networks_when_asked(tiny_sd):
+    components = load_sd_components(tiny_sd, local_files_only=True)
+    generator = ConceptGenerator(components, SampleConfig(compile="regional"))
+    assert _own_forwards(components.unet) and _own_forwards(generator.reference_unet)
+    assert _own_forwards(components.vae.decoder) and not _own_forwards(components.vae.encoder)
+    assert ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True),
+                            SampleConfig()).compiled is None
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_matches_eager(tiny_sd):
+    """The real setting: inductor's generated kernels (C++ on the CPU), 2 steps."""
+    want = _train(_trainer(tiny_sd, _config(2)), 2)
+    got = _train(_trainer(tiny_sd, _config(2, compile="regional")), 2)
+    _assert_same_training(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_graphed_steps_train_like_eager_steps(tmp_path):
+    """Inductor's Triton kernels inside the captured training step."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with -m gpu on a GPU machine)")
+    folder = str(build_tiny_sd(tmp_path / "tiny-sd"))
+    want = _train(_trainer(folder, _config(8, cuda_graphs="off"), "cuda"), 8)
+    trainer = _trainer(folder, _config(8, cuda_graphs="on", compile="regional"), "cuda")
+    got = _train_checking_capture(trainer, 8)
+    _assert_same_training(got, want, rtol=1e-3, atol=1e-4)
+
+
+def _train_checking_capture(trainer: ConceptTrainer, steps: int):
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+        assert trainer.graph_captured
+        return trainer.loss_history, trainer.learned_tensors()
+    finally:
+        trainer.remove()
+
+
+@pytest.mark.gpu
+def test_compiled_sampling_draws_the_eager_images(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with -m gpu on a GPU machine)")
+    folder = str(build_tiny_sd(tmp_path / "tiny-sd"))
+    sample = SampleConfig(steps=3, resolution=RESOLUTION, batch_size=4)
+
+    def generator(**settings):
+        components = load_sd_components(folder, local_files_only=True)
+        return ConceptGenerator(components, replace(sample, **settings), device="cuda",
+                                dtype=torch.float16)
+
+    concept = random_concept(folder, tmp_path / "rra", rra=True)
+    requests = plan_requests("ball", ["a <eqd> ball"], 4, base_seed=0)
+    reference = torch.rand(3, RESOLUTION, RESOLUTION,
+                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    want = generator().generate(concept, requests, reference_image=reference)
+    got = generator(compile="regional").generate(concept, requests, reference_image=reference)
+    torch.testing.assert_close(torch.stack([g.image for g in got]),
+                               torch.stack([g.image for g in want]), atol=4e-3, rtol=0)
