@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The full-size benchmarks on a lent GPU machine, as one prepared run (see bench/README.md).
+# The full-size benchmarks on a lent GPU machine (see bench/README.md), as prepared stages.
+#   bash bench/gpu_run.sh [STAGE...]     default: the first call's stages (FIRST below)
+#   bash bench/gpu_run.sh second         the second call's stages (SECOND below)
 # Expects wheels of the packages the machine lacks in .whl/ (diffusers, open_clip_torch) and
-# writes results and logs under $OUT. Stages run most important first, each under its own
-# time limit, so a slow or failing stage still leaves the others' figures.
-# The limits add up to 580 s, inside one 600 s device call: run it with timeout_s=600.
+# writes results and logs under $OUT. Stages run in the order given, each under its own time
+# limit, so a slow or failing stage still leaves the others' figures; $OUT/stages.txt says how
+# each one ended. A device call runs at most 600 s, so a session's 15 minutes are two calls,
+# most needed figures first:
+#   call 1 (timeout_s=600):           bash bench/gpu_run.sh         (FIRST: 540 s of limits)
+#   call 2 (timeout_s=what is left):  bash bench/gpu_run.sh second  (SECOND: 270 s)
+# The second call finds the first call's inductor cache when the machine is still warm.
 set -o pipefail
+FIRST=(sampling gpu_tests compile_train)
+SECOND=(train_step profile compile_sampling)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1
@@ -16,11 +24,31 @@ stage() {  # stage NAME SECONDS COMMAND...: run one stage, log it, note how it e
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s" | tee -a "$OUT/stages.txt"
 }
-stage train_step "${TRAIN_TIMEOUT:-200}" python3 bench/train_step.py --bf16-frozen only \
-    --channels-last --batch-multiple 2 --out "$OUT"
-stage gpu_tests "${TEST_TIMEOUT:-80}" python3 -m pytest -p no:cacheprovider -m gpu -q \
-    tests/test_cuda_graphs.py
-stage profile "${PROFILE_TIMEOUT:-50}" python3 bench/profile_step.py --out "$OUT"
-stage concepts_per_gpu "${CONCEPTS_TIMEOUT:-100}" python3 bench/concepts_per_gpu.py --out "$OUT"
-stage sampling "${SAMPLE_TIMEOUT:-150}" python3 bench/sampling_throughput.py --batch 8 \
-    --steps 50 --repeat 1 --out "$OUT"
+run_stage() {
+    case $1 in
+    train_step)  # eager vs graphed step, channels-last and twice-the-rows variants
+        stage train_step "${TRAIN_TIMEOUT:-120}" python3 bench/train_step.py --bf16-frozen only \
+            --methods custom-diffusion eqdiff --channels-last --batch-multiple 2 --out "$OUT" ;;
+    gpu_tests)  # graphed and compiled vs eager, training and sampling, on the tiny model
+        stage gpu_tests "${TEST_TIMEOUT:-150}" python3 -m pytest -p no:cacheprovider -m gpu -q \
+            tests/test_cuda_graphs.py tests/test_compilation.py ;;
+    sampling)  # eager and graphed sampling against the pipeline
+        stage sampling "${SAMPLE_TIMEOUT:-150}" python3 bench/sampling_throughput.py --batch 8 \
+            --steps 50 --repeat 1 --out "$OUT" ;;
+    profile)  # where the eager EqDiff step's time goes, by operator
+        stage profile "${PROFILE_TIMEOUT:-50}" python3 bench/profile_step.py --out "$OUT" ;;
+    compile_train)  # regional torch.compile inside the graphed step: compile time and ms/step
+        stage compile_train "${COMPILE_TIMEOUT:-240}" python3 bench/train_step.py \
+            --bf16-frozen only --methods eqdiff --compile --no-reference --out "$OUT/compile" ;;
+    compile_sampling)
+        stage compile_sampling "${COMPILE_SAMPLE_TIMEOUT:-100}" python3 \
+            bench/sampling_throughput.py --batch 8 --steps 50 --repeat 1 --variants rra \
+            --batches-per-call 1 --compile --out "$OUT/compile" ;;
+    concepts_per_gpu)  # measured on the H100 already (docs/bench/concepts_per_gpu_h100.json)
+        stage concepts_per_gpu "${CONCEPTS_TIMEOUT:-100}" python3 bench/concepts_per_gpu.py \
+            --out "$OUT" ;;
+    *) echo "unknown stage $1" | tee -a "$OUT/stages.txt" ;;
+    esac
+}
+if [ $# -eq 0 ]; then set -- "${FIRST[@]}"; elif [ "$1" = second ]; then set -- "${SECOND[@]}"; fi
+for name in "$@"; do run_stage "$name"; done

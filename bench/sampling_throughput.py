@@ -6,9 +6,12 @@ Rows per batch size: ``pipeline`` (diffusers, base model), ``base`` (our loop, n
 denoising step for the whole batch), ``rra xN`` (N batches in one call, the reference pass
 once per step for all of them). On CUDA each of ours runs eagerly and, as ``… graph``, with
 the UNet calls replayed from CUDA graphs (``sample.cuda_graphs``; capture included in the
-time). Concepts carry random weights: speed does not depend on the values. ``--tiny`` uses the
-tiny offline SD on the CPU (64 px); otherwise random modules with SD-1.5's shapes (512 px),
-fp16 on CUDA when available. Rows are printed, and the JSON rewritten, after each batch size.
+time). With ``--compile`` a generator on a second copy of the modules runs them with
+``sample.compile="regional"`` (and graphs on CUDA) as ``… compiled``; every variant's first
+call (untimed warm-up, where it compiles) is reported too. Concepts carry random weights:
+speed does not depend on the values. ``--tiny`` uses the tiny offline SD on the CPU (64 px);
+otherwise random modules with SD-1.5's shapes (512 px), fp16 on CUDA when available. Rows are
+printed, and the JSON rewritten, after each batch size.
 
     .venv/bin/python bench/sampling_throughput.py --tiny --out bench/results
     PYTHONUNBUFFERED=1 python3 bench/sampling_throughput.py --batch 8 --steps 50 --repeat 1 \
@@ -75,9 +78,10 @@ def _concept(components: SDComponents, folder: Path, *, rra: bool) -> Concept:
 
 
 def _timed(runs: dict[str, Callable[[], object]], repeat: int,
-           device: torch.device) -> dict[str, float]:
+           device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     """Fastest of ``repeat`` runs per variant after one warm-up each, variants interleaved
-    round-robin so that load from other processes hits them alike (min: the least disturbed)."""
+    round-robin so that load from other processes hits them alike (min: the least disturbed);
+    and each variant's warm-up time."""
     def once(run: Callable[[], object]) -> float:
         start = time.perf_counter()
         run()
@@ -85,13 +89,12 @@ def _timed(runs: dict[str, Callable[[], object]], repeat: int,
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for run in runs.values():
-        once(run)
+    first = {name: once(run) for name, run in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
             times[name].append(once(run))
-    return {name: min(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}, first
 
 
 def main() -> None:
@@ -109,6 +112,9 @@ def main() -> None:
                         choices=("base", "kv", "rra"), help="our variants (default: all)")
     parser.add_argument("--graphs", choices=("auto", "both", "off"), default="auto",
                         help="both: ours eagerly and with CUDA graphs (auto: both on CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run ours with sample.compile=regional (on a second copy of "
+                             "the modules; graphed on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
     args = parser.parse_args()
     if args.graphs == "both" and (args.tiny or not torch.cuda.is_available()):
@@ -124,9 +130,15 @@ def main() -> None:
         sample = SampleConfig(steps=steps, resolution=resolution, batch_size=max(args.batch),
                               cuda_graphs="off")
         generators = {"": ConceptGenerator(components, sample, device=device, dtype=dtype)}
-        if args.graphs == "both" or (args.graphs == "auto" and device.type == "cuda"):
+        graphs = args.graphs == "both" or (args.graphs == "auto" and device.type == "cuda")
+        if graphs:
             generators[" graph"] = ConceptGenerator(components, replace(sample, cuda_graphs="on"),
                                                     device=device, dtype=dtype)
+        if args.compile:  # its own modules: compiling blocks changes them for every user
+            generators[" compiled"] = ConceptGenerator(
+                _components(args.tiny, folder / "compiled")[0],
+                replace(sample, cuda_graphs="on" if graphs else "off", compile="regional"),
+                device=device, dtype=dtype)
         pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder,
             tokenizer=components.tokenizer, unet=components.unet,
@@ -139,8 +151,8 @@ def main() -> None:
                     "rra": (rra_concept, reference)}
 
         rows = []
-        sys.stdout.write(f"{'batch':>5} {'variant':>15} {'s/call':>9} {'img/s':>8} "
-                         f"{'vs pipeline':>12}\n")
+        sys.stdout.write(f"{'batch':>5} {'variant':>18} {'s/call':>9} {'img/s':>8} "
+                         f"{'vs pipeline':>12} {'first call s':>13}\n")
         for batch in args.batch:
             requests = [ImageRequest(PROMPTS[i % len(PROMPTS)], seed=i) for i in range(batch)]
             prompts = [r.prompt for r in requests]
@@ -162,15 +174,17 @@ def main() -> None:
                         runs[f"rra x{calls}{suffix}"] = lambda g=generator, b=batch, m=many: (
                             g.generate(rra_concept, m, reference_image=reference, batch_size=b))
                         images[f"rra x{calls}{suffix}"] = batch * calls
-            seconds = _timed(runs, args.repeat, device)
+            seconds, first = _timed(runs, args.repeat, device)
             per_image_pipeline = seconds["pipeline"] / batch
             for name, value in seconds.items():
                 row = {"batch": batch, "variant": name, "seconds": round(value, 4),
                        "images_per_s": round(images[name] / value, 3),
-                       "vs_pipeline": round(per_image_pipeline * images[name] / value, 3)}
+                       "vs_pipeline": round(per_image_pipeline * images[name] / value, 3),
+                       "first_call_s": round(first[name], 2)}
                 rows.append(row)
-                sys.stdout.write(f"{batch:>5} {name:>15} {row['seconds']:>9.3f} "
-                                 f"{row['images_per_s']:>8.2f} {row['vs_pipeline']:>12.2f}\n")
+                sys.stdout.write(f"{batch:>5} {name:>18} {row['seconds']:>9.3f} "
+                                 f"{row['images_per_s']:>8.2f} {row['vs_pipeline']:>12.2f} "
+                                 f"{row['first_call_s']:>13.1f}\n")
             sys.stdout.flush()
             _save(args.out, args.tiny, device, dtype, steps, resolution, sample, rows)
 

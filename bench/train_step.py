@@ -21,7 +21,9 @@ fp32 frozen weights, plain fp32 on CPU). On CUDA a second pass (``--bf16-frozen`
 CUDA) casts the frozen modules to bf16 and runs everything again, measuring that lever (the
 diffusers scripts keep frozen weights in the half-precision ``weight_dtype``). On CUDA our
 trainer runs twice per method, eagerly and with its CUDA-graph step (``--graphs``), and the
-two runs' per-step losses are compared.
+two runs' per-step losses are compared. ``--compile`` adds a run with ``train.compile=
+"regional"`` (graphed on CUDA): its step time, its first step's time (the compile, cold or warm
+as the inductor cache is) and its losses against the eager run's.
 
     # tiny offline model on CPU, 64 px (seconds)
     .venv/bin/python bench/train_step.py --tiny --out bench/results
@@ -97,7 +99,8 @@ def make_data(resolution: int, device: torch.device, seed: int = 0) -> ConceptDa
 
 def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
                precision: str = "auto", frozen_weights: str = "as-loaded",
-               cuda_graphs: str = "off", batch_multiple: int = 1) -> RunConfig:
+               cuda_graphs: str = "off", batch_multiple: int = 1,
+               compile_mode: str = "off") -> RunConfig:
     """The released training settings, with this run's size and a placeholder of its own.
 
     ``frozen_weights="as-loaded"``: the trainer keeps the components' dtype, which each pass
@@ -108,7 +111,7 @@ def run_config(method: MethodConfig, resolution: int, steps: int, token: str,
         prior_batch=batches.prior_batch * batch_multiple,
         steps=steps, resolution=resolution, num_prior_images=PRIOR_IMAGES,
         placeholder_token=token, checkpoint_every=0, precision=precision,
-        frozen_weights=frozen_weights, cuda_graphs=cuda_graphs))
+        frozen_weights=frozen_weights, cuda_graphs=cuda_graphs, compile=compile_mode))
 
 
 class _TokenNames:
@@ -248,9 +251,15 @@ def _mib(count: float) -> float:
 
 def time_steps(step: Callable[[], object], device: torch.device, warmup: int,
                steps: int) -> dict[str, Any]:
-    """Run ``warmup`` untimed steps, then ``steps`` timed ones (CUDA events on CUDA)."""
-    for _ in range(warmup):
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones (CUDA events on CUDA). The
+    first warm-up step's wall time is reported on its own (it holds any compilation)."""
+    first_step_s = None
+    for index in range(warmup):
+        t0 = time.perf_counter()
         step()
+        if index == 0:
+            _sync(device)
+            first_step_s = round(time.perf_counter() - t0, 2)
     _sync(device)
     setup_peak = None
     if device.type == "cuda":
@@ -279,6 +288,7 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int,
         "ms_p90": round(ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)], 2),
         "ms_min": round(ordered[0], 2), "ms_mean": round(statistics.fmean(times), 2),
         "wall_ms_per_step": round(wall, 2), "timed_steps": steps, "warmup_steps": warmup,
+        "first_step_s": first_step_s,
     }
     if device.type == "cuda":
         out["step_peak_mib"] = _mib(torch.cuda.max_memory_allocated(device))
@@ -431,7 +441,19 @@ def table_row(row: dict[str, Any]) -> str:
     if agreement:
         notes.append(f"graph vs eager loss: max rel diff {agreement['max_rel']:.1e} over "
                      f"{agreement['steps']} steps")
-    for name, run in (("ours", ours), ("graphed", graphed), ("ref", ref)):
+    compiled = row.get("ours_compiled")
+    if compiled and compiled.get("status") == "ok":
+        base = graphed if graphed and graphed.get("status") == "ok" else ours
+        versus = (f" ({compiled['ms_median'] / base['ms_median']:.2f}× "
+                  f"{'graph' if base is graphed else 'eager'})"
+                  if base and base.get("status") == "ok" else "")
+        agreement = row.get("compiled_loss_agreement")
+        notes.append(f"regional compile {compiled['ms_median']:.1f} ms{versus}, first step "
+                     f"{compiled['first_step_s']:.0f} s" + (
+                         f", loss vs eager max rel diff {agreement['max_rel']:.1e}"
+                         if agreement else ""))
+    for name, run in (("ours", ours), ("graphed", graphed), ("compiled", compiled),
+                      ("ref", ref)):
         if run and run.get("status") not in (None, "ok"):
             notes.append(f"{name}: {run.get('error', '')[:120]}")
     peaks = f"{_cell(ours, 'peak_mib')} / {_cell(graphed, 'peak_mib')}"
@@ -462,6 +484,16 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- main
+
+def inductor_cache_state() -> dict[str, Any]:
+    """Where inductor caches compiled code, and how much it held before this run (cold or
+    warm compile)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = Path(cache_dir())
+    files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    return {"dir": str(folder), "files_before": files}
+
 
 def build_components(tiny: bool, device: torch.device, scratch: Path) -> SDComponents:
     """The tiny offline SD (through the real loader) or SD-1.5-shaped random modules."""
@@ -507,6 +539,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="with graphs: also time the graphed step with N times the "
                              "instance and prior rows (what training N subjects in one step "
                              "would cost, before their separate weights)")
+    parser.add_argument("--compile", nargs="*", default=None, metavar="METHOD",
+                        help="also time the step with train.compile=regional (graphed on "
+                             "CUDA) for these methods (none named: all); its first step "
+                             "holds the compile, cold or warm as TORCHINDUCTOR_CACHE_DIR is")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference loop (ours only)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
@@ -518,7 +554,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 2 if args.tiny else 5
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    for name in args.methods:
+    if args.compile == []:
+        args.compile = list(args.methods)
+    for name in [*args.methods, *(args.compile or [])]:
         try:
             method_preset(name)
         except ValueError as err:
@@ -573,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         "auto, bf16 under bf16 autocast) is the bf16 pass"},
         "weights_and_data_mib": weights_mib,
         "cuda_graphs": graphs, "results": [],
+        "inductor_cache": inductor_cache_state() if args.compile else None,
         "notes": [
             "reference = diffusers train_custom_diffusion/textual_inversion loop shape with our "
             "trainable tensors (one token vector; K/V via CustomDiffusionAttnProcessor2_0) and "
@@ -584,6 +623,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "ours_graphed: train.cuda_graphs=on, the step captured after 3 eager warm-up "
             "steps and replayed; same seed and draws as the eager run, so the per-step losses "
             "compare (loss_agreement)",
+            "ours_compiled: train.compile=regional (and graphs on CUDA); first_step_s holds "
+            "the compile (inductor_cache.files_before: 0 means a cold cache); "
+            "compiled_loss_agreement: against the eager run",
         ],
     }
     out_path = args.out / "train_step.json"
@@ -644,6 +686,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lambda m=method, c=config: measure_ours(
                         components, data, m, c, device, args.warmup, args.steps),
                     f"{label} batch x{k}", components, processors)
+            if args.compile and name in args.compile:  # measured before it is adopted
+                config = run_config(method, resolution, args.warmup + args.steps,
+                                    names("ours"), args.precision,
+                                    cuda_graphs="on" if graphs else "off",
+                                    compile_mode="regional")
+                logger.info("%s: ours_compiled", label)
+                row["ours_compiled"] = guarded(lambda m=method, c=config: measure_ours(
+                    components, data, m, c, device, max(args.warmup, 1), args.steps),
+                    f"{label} compiled", components, processors)
+                row["compiled_loss_agreement"] = loss_agreement(row["ours"],
+                                                                row["ours_compiled"])
             if graphs:
                 row["loss_agreement"] = loss_agreement(row["ours"], row["ours_graphed"])
             if not args.no_reference:
