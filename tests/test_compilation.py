@@ -166,13 +166,18 @@ def test_inductor_compiled_training_matches_eager(tiny_sd):
 
 @pytest.mark.gpu
 def test_compiled_graphed_steps_train_like_eager_steps(tmp_path):
-    """Inductor's Triton kernels inside the captured training step."""
+    """Inductor's Triton kernels inside the captured training step. In fp32: under bf16
+    autocast, fused kernels keep intermediates that eager code rounds to bf16, and the two
+    runs would differ by more than a broken block might."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device (run them with -m gpu on a GPU machine)")
     folder = str(build_tiny_sd(tmp_path / "tiny-sd"))
-    want = _train(_trainer(folder, _config(8, cuda_graphs="off"), "cuda"), 8)
-    trainer = _trainer(folder, _config(8, cuda_graphs="on", compile="regional"), "cuda")
-    got = _train_checking_capture(trainer, 8)
+    steps = 5  # 3 eager warm-up steps (the compile happens in the first), capture, replay
+    want = _train(_trainer(folder, _config(steps, cuda_graphs="off", precision="fp32"),
+                           "cuda"), steps)
+    trainer = _trainer(folder, _config(steps, cuda_graphs="on", compile="regional",
+                                       precision="fp32"), "cuda")
+    got = _train_checking_capture(trainer, steps)
     _assert_same_training(got, want, rtol=1e-3, atol=1e-4)
 
 
@@ -188,6 +193,7 @@ def _train_checking_capture(trainer: ConceptTrainer, steps: int):
 
 @pytest.mark.gpu
 def test_compiled_sampling_draws_the_eager_images(tmp_path):
+    """Compiled blocks inside the replayed UNet calls draw the eager images."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device (run them with -m gpu on a GPU machine)")
     folder = str(build_tiny_sd(tmp_path / "tiny-sd"))
@@ -196,13 +202,14 @@ def test_compiled_sampling_draws_the_eager_images(tmp_path):
     def generator(**settings):
         components = load_sd_components(folder, local_files_only=True)
         return ConceptGenerator(components, replace(sample, **settings), device="cuda",
-                                dtype=torch.float16)
+                                dtype=torch.float32)  # fp16 fused kernels round less often
 
     concept = random_concept(folder, tmp_path / "rra", rra=True)
     requests = plan_requests("ball", ["a <eqd> ball"], 4, base_seed=0)
     reference = torch.rand(3, RESOLUTION, RESOLUTION,
                            generator=torch.Generator().manual_seed(3)) * 2 - 1
     want = generator().generate(concept, requests, reference_image=reference)
-    got = generator(compile="regional").generate(concept, requests, reference_image=reference)
+    got = generator(compile="regional", cuda_graphs="on").generate(
+        concept, requests, reference_image=reference)
     torch.testing.assert_close(torch.stack([g.image for g in got]),
-                               torch.stack([g.image for g in want]), atol=4e-3, rtol=0)
+                               torch.stack([g.image for g in want]), atol=1e-3, rtol=0)
