@@ -5,8 +5,9 @@ blocks instead — every ``ResnetBlock2D`` and ``BasicTransformerBlock`` (with w
 processors they hold: K/V copies, RRA, reference writers) and the text encoder's layers — gives
 inductor the fusions that matter inside each block (GroupNorm + SiLU, LayerNorm, GEGLU,
 residual adds, RRA's gate) while it compiles each distinct block variant once: blocks of the
-same class, shape, grad mode and processors share one compiled graph (RRA layers and
-reference writers get one per layer, as their bank key is their layer name). Eager code runs
+same class, shape, grad mode and processors share one compiled graph (processors reach their
+layer's reference-bank entry through a slot object, not by name, for that; only the few layers
+that record RRA attention for its loss get one graph per position). Eager code runs
 between the blocks, so the network's own control flow and the extension hooks are untouched.
 
 Blocks are compiled per instance, never on the class: the instance's ``forward`` becomes the

@@ -59,38 +59,65 @@ RRA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH]
 
 
+class BankSlot:
+    """One layer's entry in a :class:`ReferenceBank`: its writer puts, its reader gets.
+
+    Processors hold their layer's slot instead of looking their name up in the bank, so that
+    under ``torch.compile`` (:mod:`eqdiff.compilation`) layers of the same shape share one
+    compiled graph instead of specialising on their name.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tensor: Tensor | None = None
+
+    def put(self, hidden_states: Tensor) -> None:
+        if self.tensor is not None:
+            raise RuntimeError(f"reference bank already holds {self.name!r}: clear it after "
+                               "each step")
+        self.tensor = hidden_states
+
+    def get(self) -> Tensor:
+        if self.tensor is None:
+            raise RuntimeError(f"reference bank has no entry for {self.name!r}; run the "
+                               "reference pass before the main UNet, on the same layers")
+        return self.tensor
+
+
 class ReferenceBank:
     """Reference self-attention inputs by processor name, for one step.
 
     Entries are ``(Br, N, C)`` tensors (the reference UNet's norm1 output at that layer). ``Br``
     is the reference batch: equal to the main batch in training (one reference per row), 1 at
     inference (one reference for every image and both CFG branches; readers broadcast it).
+    Each layer's entry lives in its :class:`BankSlot`, shared by that layer's writer and reader.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, Tensor] = {}
+        self._slots: dict[str, BankSlot] = {}
+
+    def slot(self, name: str) -> BankSlot:
+        """The slot of layer ``name`` (made at its first request)."""
+        if name not in self._slots:
+            self._slots[name] = BankSlot(name)
+        return self._slots[name]
 
     def write(self, name: str, hidden_states: Tensor) -> None:
-        if name in self._entries:
-            raise RuntimeError(f"reference bank already holds {name!r}: clear it after each step")
-        self._entries[name] = hidden_states
+        self.slot(name).put(hidden_states)
 
     def read(self, name: str) -> Tensor:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise RuntimeError(f"reference bank has no entry for {name!r} (it holds "
-                               f"{len(self._entries)}); run the reference pass before the main "
-                               "UNet, on the same layers") from None
+        return self.slot(name).get()
 
     def clear(self) -> None:
-        self._entries = {}
+        for slot in self._slots.values():
+            slot.tensor = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(slot.tensor is not None for slot in self._slots.values())
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """Names of the layers that hold an entry now."""
+        return sorted(name for name, slot in self._slots.items() if slot.tensor is not None)
 
 
 class ReferenceAttentionCapture:
@@ -103,38 +130,39 @@ class ReferenceAttentionCapture:
     def __init__(self, max_side: int = DEFAULT_LOSS_RESOLUTION) -> None:
         self.max_side = max_side
         self.active = False
-        self._probs: dict[str, Tensor] = {}
+        self._probs: list[Tensor] = []
 
     def begin(self) -> None:
         self.active = True
-        self._probs = {}
+        self._probs = []
 
     def wants(self, num_queries: int) -> bool:
         return self.active and math.isqrt(num_queries) <= self.max_side
 
-    def record(self, name: str, probs: Tensor) -> None:
+    def record(self, probs: Tensor) -> None:
         """probs: (B, heads, Nq, Nk) softmax probabilities of one layer's reference branch."""
-        self._probs[name] = probs
+        self._probs.append(probs)
 
-    def probabilities(self) -> dict[str, Tensor]:
-        return dict(self._probs)
+    def probabilities(self) -> list[Tensor]:
+        """Each recording layer's probabilities, in the order the layers ran."""
+        return list(self._probs)
 
     def clear(self) -> None:
         self.active = False
-        self._probs = {}
+        self._probs = []
 
 
 class ReferenceWriter:
     """Reference-UNet processor: writes its input into the bank, then runs ``inner`` unchanged."""
 
     def __init__(self, name: str, bank: ReferenceBank, inner: object) -> None:
-        self.name, self.bank, self.inner = name, bank, inner
+        self.name, self.slot, self.inner = name, bank.slot(name), inner
 
     def __call__(self, attn: Attention, hidden_states: Tensor,
                  encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None,
                  **kwargs: object) -> Tensor:
-        self.bank.write(self.name, hidden_states)
+        self.slot.put(hidden_states)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                           **kwargs)
 
@@ -190,7 +218,7 @@ class RRAProcessor(nn.Module):
     def __init__(self, attn: Attention, name: str, bank: ReferenceBank,
                  capture: ReferenceAttentionCapture | None = None) -> None:
         super().__init__()
-        self.name, self.bank, self.capture = name, bank, capture
+        self.name, self.slot, self.capture = name, bank.slot(name), capture
         self.to_k = copy.deepcopy(attn.to_k).float().requires_grad_(True)
         self.to_v = copy.deepcopy(attn.to_v).float().requires_grad_(True)
         inner, channels = attn.to_v.out_features, attn.to_out[0].out_features
@@ -215,13 +243,13 @@ class RRAProcessor(nn.Module):
                                   ).to(query.dtype)
         o_self = attn.to_out[1](attn.to_out[0](a_self))
 
-        reference = self.bank.read(self.name)  # projected before broadcasting: Br rows of work
+        reference = self.slot.get()  # projected before broadcasting: Br rows of work
         ref_key = _broadcast_rows(_heads(self.to_k(reference), heads), batch, self.name)
         ref_value = _broadcast_rows(_heads(self.to_v(reference), heads), batch, self.name)
         if self.capture is not None and self.capture.wants(length):
             scores = (query @ ref_key.transpose(-1, -2).to(query.dtype)).float() * attn.scale
             probs = scores.softmax(dim=-1)
-            self.capture.record(self.name, probs)
+            self.capture.record(probs)
             a_ref = probs.to(ref_value.dtype) @ ref_value
         else:
             with sdpa_kernel(RRA_SDPA_BACKENDS):
@@ -461,7 +489,7 @@ class RRAExtension:
         bi = batch.instance_count
         targets = self.masks[batch.instance_indices]
         references = self.masks[batch.draws[REFERENCE_ROWS]]
-        losses = [rra_attention_loss(p[:bi], targets, references) for p in probs.values()]
+        losses = [rra_attention_loss(p[:bi], targets, references) for p in probs]
         return {"rra": torch.stack(losses).mean()}
 
     def after_step(self) -> None:
