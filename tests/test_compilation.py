@@ -19,11 +19,18 @@ from synthetic import random_concept_data as make_data
 from torch._dynamo.utils import counters
 
 from eqdiff.compilation import compile_regions
-from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
+from eqdiff.config import (
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    config_hash,
+    method_preset,
+    with_overrides,
+)
 from eqdiff.models import load_sd_components
 from eqdiff.reference import training_extensions
 from eqdiff.sampling import ConceptGenerator, plan_requests
-from eqdiff.training import ConceptTrainer
+from eqdiff.training import ConceptTrainer, training_hash
 from eqdiff.zoo import build_tiny_sd
 
 
@@ -66,6 +73,22 @@ def _assert_same_training(got, want, rtol: float, atol: float) -> None:
     for name in tensors:
         torch.testing.assert_close(tensors[name], want_tensors[name], rtol=rtol,
                                    atol=10 * atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_settings_are_checked_and_change_no_hash():
+    """Compiling changes speed, not results: a concept trained either way is the same work
+    (reused by a rerun), and so is a sample set."""
+    with pytest.raises(ValueError, match="train.compile"):
+        TrainConfig(compile="max-autotune")
+    with pytest.raises(ValueError, match="sample.compile"):
+        SampleConfig(compile="on")
+    plain = RunConfig()
+    compiled = with_overrides(plain, {"train.compile": "regional",
+                                      "sample.compile": "regional"})
+    assert (compiled.train.compile, compiled.sample.compile) == ("regional", "regional")
+    method = method_preset("eqdiff")
+    assert training_hash(compiled, method) == training_hash(plain, method)
+    assert config_hash(compiled.sample) == config_hash(plain.sample)
 
 
 def test_regions_are_compiled_per_instance_and_removed(tiny_sd):
