@@ -23,6 +23,12 @@ def random_concept_data(n_images: int = 3, n_prior: int = 4, seed: int = 0,
     return ConceptData("ball", "ball", images, masks, prior)
 
 
+def random_reference_image(seed: int = 3, resolution: int = RESOLUTION) -> torch.Tensor:
+    """A random (3, H, W) photo in [-1, 1]: the reference image RRA concepts sample with."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(3, resolution, resolution, generator=gen) * 2 - 1
+
+
 def random_concept(tiny_sd, folder, *, rra, seed=0, base_model=None):
     """A concept with random (trained-looking) token, K/V and optionally RRA tensors."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
-from synthetic import RESOLUTION, random_concept
+from synthetic import RESOLUTION, random_concept, random_reference_image
 from synthetic import random_concept_data as make_data
 from torch._dynamo.utils import counters
 
@@ -160,8 +160,7 @@ def test_compiled_blocks_sample_like_eager_blocks(tiny_sd, tmp_path):
     concept = random_concept(tiny_sd, tmp_path / "rra", rra=True)
     requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 2,
                              base_seed=0)
-    reference = torch.rand(3, RESOLUTION, RESOLUTION,
-                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    reference = random_reference_image()
     want = eager.generate(concept, requests, reference_image=reference)
     counters.clear()
     got = compiled.generate(concept, requests, reference_image=reference)
@@ -229,8 +228,7 @@ def test_compiled_sampling_draws_the_eager_images(tmp_path):
 
     concept = random_concept(folder, tmp_path / "rra", rra=True)
     requests = plan_requests("ball", ["a <eqd> ball"], 4, base_seed=0)
-    reference = torch.rand(3, RESOLUTION, RESOLUTION,
-                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    reference = random_reference_image()
     want = generator().generate(concept, requests, reference_image=reference)
     got = generator(compile="regional", cuda_graphs="on").generate(
         concept, requests, reference_image=reference)

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from synthetic import RESOLUTION, random_concept
+from synthetic import RESOLUTION, random_concept, random_reference_image
 from synthetic import random_concept_data as make_data
 
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
@@ -197,8 +197,7 @@ def test_replayed_calls_on_static_memory_draw_the_eager_images(tiny_sd, tmp_path
     concept = random_concept(tiny_sd, tmp_path / "rra", rra=True)
     requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 5,
                              base_seed=0)
-    reference = torch.rand(3, RESOLUTION, RESOLUTION,
-                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    reference = random_reference_image()
     want = eager.generate(concept, requests, reference_image=reference)
     got = replayed.generate(concept, requests, reference_image=reference)
     assert torch.equal(torch.stack([g.image for g in got]), torch.stack([g.image for g in want]))
@@ -297,8 +296,7 @@ def test_graphed_sampling_draws_the_eager_images(tiny_sd_cuda, tmp_path):
     eager, graphed = generator("off"), generator("on")  # "on": a failed capture raises
     requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 3,
                              base_seed=0)
-    reference = torch.rand(3, RESOLUTION, RESOLUTION,
-                           generator=torch.Generator().manual_seed(3)) * 2 - 1
+    reference = random_reference_image()
     concepts = [(None, None), (random_concept(tiny_sd_cuda, tmp_path / "kv", rra=False), None),
                 (random_concept(tiny_sd_cuda, tmp_path / "rra", rra=True), reference)]
     for concept, image in concepts:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from synthetic import random_concept as _concept
+from synthetic import random_reference_image
 
 from eqdiff.concept import ConceptError, load_concept, save_concept
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
@@ -28,11 +29,6 @@ SAMPLE = SampleConfig(steps=2, resolution=RESOLUTION, batch_size=4)
 @pytest.fixture(scope="module")
 def generator(tiny_sd):
     return ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), SAMPLE)
-
-
-def _reference_image(seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(3, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1
 
 
 def _stack(generated):
@@ -65,7 +61,7 @@ def test_rra_images_do_not_depend_on_batching_and_bank_is_per_step(generator, ti
     hook = generator.reference_unet.register_forward_hook(
         lambda module, args, output: calls.append(args[0].shape[0]))
     try:
-        four = generator.generate(concept, requests, reference_image=_reference_image(),
+        four = generator.generate(concept, requests, reference_image=random_reference_image(),
                                   batch_size=4)
     finally:
         hook.remove()
@@ -75,7 +71,7 @@ def test_rra_images_do_not_depend_on_batching_and_bank_is_per_step(generator, ti
     hook = generator.reference_unet.register_forward_hook(
         lambda module, args, output: calls.append(args[0].shape[0]))
     try:  # four batches of one: the banks of the first serve the other three
-        one = generator.generate(concept, requests, reference_image=_reference_image(),
+        one = generator.generate(concept, requests, reference_image=random_reference_image(),
                                  batch_size=1)
     finally:
         hook.remove()
@@ -85,7 +81,7 @@ def test_rra_images_do_not_depend_on_batching_and_bank_is_per_step(generator, ti
     assert [g.record["seed"] for g in four] == [r.seed for r in requests]
     assert all(g.record["concept_hash"] == concept.content_hash and g.record["rra"]
                for g in four)
-    without = generator.generate(concept, requests[:1], reference_image=_reference_image(9))
+    without = generator.generate(concept, requests[:1], reference_image=random_reference_image(9))
     assert not torch.allclose(without[0].image, four[0].image, atol=1e-4)  # RRA is in play
 
 
@@ -97,9 +93,9 @@ def test_switching_concepts_restores_the_base_model(generator, tiny_sd, tmp_path
     base = _stack(generator.generate(None, requests))
     rra = _concept(tiny_sd, tmp_path / "a", rra=True, seed=1)
     plain = _concept(tiny_sd, tmp_path / "b", rra=False, seed=2)
-    first = _stack(generator.generate(rra, requests, reference_image=_reference_image()))
+    first = _stack(generator.generate(rra, requests, reference_image=random_reference_image()))
     other = _stack(generator.generate(plain, requests))
-    again = _stack(generator.generate(rra, requests, reference_image=_reference_image()))
+    again = _stack(generator.generate(rra, requests, reference_image=random_reference_image()))
     assert torch.equal(first, again)
     assert not torch.allclose(first, other) and not torch.allclose(other, base)
     assert torch.equal(_stack(generator.generate(None, requests)), base)
@@ -113,7 +109,7 @@ def test_concept_from_another_base_model_is_refused(generator, tiny_sd, tmp_path
     concept = _concept(tiny_sd, tmp_path / "c", rra=True, base_model="someone/other-sd")
     with pytest.raises(ConceptError, match="trained on base model"):
         generator.generate(concept, [ImageRequest("a <eqd> ball", 1)],
-                           reference_image=_reference_image())
+                           reference_image=random_reference_image())
     assert not any(isinstance(p, RRAProcessor)
                    for p in generator.components.unet.attn_processors.values())
     with pytest.raises(ValueError, match="reference_image"):
