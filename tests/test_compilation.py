@@ -18,7 +18,7 @@ from synthetic import RESOLUTION, random_concept, random_reference_image
 from synthetic import random_concept_data as make_data
 from torch._dynamo.utils import counters
 
-from eqdiff.compilation import compile_regions
+from eqdiff.compilation import RECOMPILE_LIMIT, CompiledRegions, compile_regions, compiled_calls
 from eqdiff.config import (
     RunConfig,
     SampleConfig,
@@ -108,6 +108,28 @@ def test_regions_are_compiled_per_instance_and_removed(tiny_sd):
     assert _own_forwards(unet) == 0 and len(regions) == 0
     with pytest.raises(ValueError, match="no blocks to compile"):
         compile_regions(torch.nn.Linear(2, 2))
+
+
+def test_compiled_calls_keep_more_variants_than_dynamos_default():
+    """SD-1.5 has dozens of variants of one block class; outside the scope dynamo keeps 8
+    and runs the rest eagerly."""
+    def double(x):
+        return x * 2
+
+    def triple(x):
+        return x * 3
+
+    counters.clear()
+    with compiled_calls(CompiledRegions(), "train.compile"):
+        compiled = torch.compile(double, dynamic=False, backend="eager")
+        for n in range(1, 13):
+            compiled(torch.ones(n))
+    assert counters["stats"]["unique_graphs"] == 12 <= RECOMPILE_LIMIT
+    counters.clear()
+    default = torch.compile(triple, dynamic=False, backend="eager")
+    for n in range(1, 13):
+        default(torch.ones(n))
+    assert counters["stats"]["unique_graphs"] == torch._dynamo.config.recompile_limit == 8
 
 
 def test_the_trainer_compiles_every_network_it_runs_and_restores_them(tiny_sd):
