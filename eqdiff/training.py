@@ -265,13 +265,13 @@ class ConceptTrainer:
         self._graph_values = torch.empty(0)
         self._warm_steps = 0
         self._side_stream: torch.cuda.Stream | None = None
+        self.compiled: CompiledRegions | None = None
         self._install(data)
         self._precompute(data)
         for extension in self.extensions:
             extension.install(self, data)
         if self.frozen_dtype is not None:  # after every set-up encode: those stay float32
             self.components.vae.to(self.frozen_dtype)
-        self.compiled: CompiledRegions | None = None
         if config.train.compile == "regional":  # after every copy of the UNet (RRA's reference)
             self.compiled = compile_regions(
                 self.components.unet, self.components.text_encoder,
