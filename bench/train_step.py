@@ -554,6 +554,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 2 if args.tiny else 5
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.compile is not None and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1 (the first warm-up step compiles)")
     if args.compile == []:
         args.compile = list(args.methods)
     for name in [*args.methods, *(args.compile or [])]:
@@ -693,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     compile_mode="regional")
                 logger.info("%s: ours_compiled", label)
                 row["ours_compiled"] = guarded(lambda m=method, c=config: measure_ours(
-                    components, data, m, c, device, max(args.warmup, 1), args.steps),
+                    components, data, m, c, device, args.warmup, args.steps),
                     f"{label} compiled", components, processors)
                 row["compiled_loss_agreement"] = loss_agreement(row["ours"],
                                                                 row["ours_compiled"])

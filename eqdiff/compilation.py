@@ -79,7 +79,8 @@ def compile_regions(*networks: nn.Module, backend: str = "inductor") -> Compiled
                              "(compiled twice, or hooked by another library)")
     for module in modules:
         module.forward = MethodType(compiled[type(module)], module)
-    logger.info("compiling %d blocks (%s) at their first calls", len(modules),
+    logger.info("compiling %d blocks (%s) at their first calls: minutes for SD-1.5 when "
+                "inductor's cache is cold", len(modules),
                 ", ".join(sorted(cls.__name__ for cls in compiled)))
     return CompiledRegions(modules)
 

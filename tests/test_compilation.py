@@ -46,10 +46,11 @@ def _trainer(folder: str, config: RunConfig, device: str = "cpu") -> ConceptTrai
                           extensions=training_extensions(config.rra, method))
 
 
-def _train(trainer: ConceptTrainer, steps: int):
+def _train(trainer: ConceptTrainer, steps: int, *, captured: bool = False):
     try:
         for _ in range(steps):
             trainer.train_step()
+        assert trainer.graph_captured == captured
         return trainer.loss_history, trainer.learned_tensors()
     finally:
         trainer.remove()
@@ -221,18 +222,8 @@ def test_compiled_graphed_steps_train_like_eager_steps(tmp_path):
                            "cuda"), steps)
     trainer = _trainer(folder, _config(steps, cuda_graphs="on", compile="regional",
                                        precision="fp32"), "cuda")
-    got = _train_checking_capture(trainer, steps)
+    got = _train(trainer, steps, captured=True)
     _assert_same_training(got, want, rtol=1e-3, atol=1e-4)
-
-
-def _train_checking_capture(trainer: ConceptTrainer, steps: int):
-    try:
-        for _ in range(steps):
-            trainer.train_step()
-        assert trainer.graph_captured
-        return trainer.loss_history, trainer.learned_tensors()
-    finally:
-        trainer.remove()
 
 
 @pytest.mark.gpu
