@@ -8,7 +8,12 @@ The same workload runs three ways, each on a fresh local-folder store:
 - ``flow-local``: ``customize_dataset`` with ``compute="local"`` (tasks in this process, one at
   a time), reporting to a real Prefect server;
 - ``flow-ray`` (``--ray``): the same on a local Ray instance (``ray.init`` and cold Ray
-  workers are paid in the first repeat).
+  workers are paid in the first repeat);
+- ``flow-ray fresh-workers`` (``--ray --ray-gpus N``): Ray is given N logical GPUs, so the heavy
+  tasks ask for a GPU as on a GPU node (and run one at a time per GPU; the work itself stays
+  on the CPU). ``flow-ray`` keeps the GPU workers between tasks (``reuse_gpu_workers``, the
+  default); this variant gives each GPU task a new process, Ray's own default for GPU tasks.
+  Their difference is what a GPU task pays to start a worker, import torch and load models.
 
 Each is then run again on its finished store (everything skipped): the "rerun costs seconds"
 figure. Heavy imports happen before any timing, so the figures compare orchestration, not
@@ -19,6 +24,8 @@ those count as its overhead. A Prefect server is started on a free port with a t
 
     .venv/bin/python bench/orchestration_overhead.py --out bench/results   # 3 repeats, ~4 min
     .venv/bin/python bench/orchestration_overhead.py --ray --repeat 2 --out bench/results
+    .venv/bin/python bench/orchestration_overhead.py --ray --ray-gpus 1 --repeat 2 \
+        --out bench/results/gpu_workers
 """
 
 from __future__ import annotations
@@ -50,14 +57,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def workload(args: argparse.Namespace, store: Path, compute: str) -> Any:
+def workload(args: argparse.Namespace, store: Path, compute: str,
+             reuse_gpu_workers: bool = True) -> Any:
     """The run's parameters (a ``CustomizeParams``) with its store folder and compute target."""
     from flows.params import CustomizeParams
 
     return CustomizeParams(dataset="demo", subjects=args.subjects, methods=args.methods,
                            steps=args.steps, images_per_prompt=1, max_prompts=args.prompts,
                            base_model="tiny", storage_url=str(store), compute=compute,
-                           run_id="bench",
+                           reuse_gpu_workers=reuse_gpu_workers, run_id="bench",
                            overrides={"train.num_prior_images": 2,
                                       "sample.steps": args.sample_steps,
                                       "train.checkpoint_every": args.steps})
@@ -202,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--ray", action="store_true",
                         help="also time the flow on local Ray (ray.init is paid in repeat 1)")
+    parser.add_argument("--ray-gpus", type=int, default=0,
+                        help="with --ray: give local Ray this many logical GPUs and also time "
+                             "the flow with a new worker process per GPU task")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each variant, interleaved (default 3)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
@@ -225,14 +236,23 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             warm_imports()
             import_s = time.perf_counter() - started
-            variants = [("direct", run_direct, "local"), ("flow-local", run_flow, "local")]
+            variants = [("direct", run_direct, "local", True),
+                        ("flow-local", run_flow, "local", True)]
             if args.ray:
-                variants.append(("flow-ray", run_flow, "ray"))
+                variants.append(("flow-ray", run_flow, "ray", True))
+            if args.ray and args.ray_gpus:
+                import ray
+
+                from flows.compute import ray_init_kwargs
+
+                ray.init(num_gpus=args.ray_gpus, **ray_init_kwargs(""))
+                variants.append(("flow-ray fresh-workers", run_flow, "ray", False))
             samples: dict[str, list[float]] = {}
             counts: dict[str, tuple[int, int]] = {}
             for repeat in range(args.repeat):  # interleaved, so load changes hit every variant
-                for label, function, compute in variants:
-                    params = workload(args, scratch / f"store-{label}-{repeat}", compute)
+                for label, function, compute, reuse in variants:
+                    store = scratch / f"store-{label.replace(' ', '-')}-{repeat}"
+                    params = workload(args, store, compute, reuse)
                     for name in (label, f"{label} rerun"):
                         seconds, skipped = timed(name, function, params)
                         samples.setdefault(name, []).append(seconds)
@@ -251,10 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     _write_table(rows)
     best = {row["variant"]: row["min_s"] for row in rows}
     ratios = {}
-    for label, _, _ in variants:
+    for label, *_ in variants:
         if label != "direct":
             ratios[f"{label} / direct"] = round(best[label] / best["direct"], 2)
         ratios[f"{label} rerun / first"] = round(best[f"{label} rerun"] / best[label], 3)
+    if "flow-ray fresh-workers" in best:  # what new processes for GPU tasks cost the run
+        ratios["fresh-workers - kept workers, s"] = round(
+            best["flow-ray fresh-workers"] - best["flow-ray"], 1)
     sys.stdout.write("".join(f"{name} (min): {value}\n" for name, value in ratios.items()))
     sys.stdout.write(f"(Prefect server start {server_s:.1f} s"
                      f"{' (reused)' if not own_server else ''}; imports {import_s:.1f} s; "
@@ -266,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                           "platform": platform.platform(), "prefect": prefect.__version__},
               "workload": {"subjects": args.subjects, "methods": args.methods,
                            "steps": args.steps, "prompts": args.prompts,
-                           "sample_steps": args.sample_steps, "store": "local folder"},
+                           "sample_steps": args.sample_steps, "store": "local folder",
+                           "ray_logical_gpus": args.ray_gpus},
               "server_start_s": round(server_s, 2), "server_reused": not own_server,
               "import_s": round(import_s, 2), "repeat": args.repeat, "samples_s": samples,
               "results": rows, "ratios_of_mins": ratios}

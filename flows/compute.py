@@ -3,6 +3,15 @@
 GPU requests are derived from what the cluster has — a ``num_gpus`` request a Ray cluster
 cannot meet waits forever — and the Prefect API URL reaches every worker through the
 ``runtime_env`` (prefect-ray does not forward it to remote nodes).
+
+GPU workers are kept between tasks. Ray's default for a task that asks for a GPU is a new
+worker process per task (``max_calls=1``), so each training, generation and scoring task would
+start an interpreter, import torch and diffusers and load its models again, and the model
+caches of :mod:`tasks.resources` would never serve a second task. A kept worker would, though,
+run later tasks on whichever GPU its CUDA was first set up for, since Ray assigns each task its
+GPU through ``CUDA_VISIBLE_DEVICES`` and CUDA reads that once per process. So Ray is told to
+leave that variable alone (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``), and each task
+selects its assigned GPU by index (:func:`tasks.resources.device_for_task`).
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ ComputeTarget = Literal["ray", "local"]
 FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "PREFECT_LOGGING_LEVEL",
                  "HF_HOME", "HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                  "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")
+# Set in every worker of our Ray job: tasks choose their GPU themselves (see the module doc)
+RAY_WORKER_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 @dataclass(frozen=True)
 class ComputePlan:
-    """How heavy tasks are placed: the Ray resources each asks for (empty for ``local``)."""
+    """How heavy tasks are placed: the Ray resources each asks for (empty for ``local``), and
+    whether a GPU task's worker process is kept for later tasks (``reuse_gpu_workers``)."""
 
     target: ComputeTarget
     address: str = ""
@@ -33,6 +45,7 @@ class ComputePlan:
     cpus_per_task: float = 1.0
     cluster_gpus: float = 0.0
     cluster_cpus: float = 0.0
+    reuse_gpu_workers: bool = True
 
     @property
     def device(self) -> str:
@@ -44,11 +57,15 @@ class ComputePlan:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def remote_options(self) -> dict[str, float]:
+        """``ray.remote`` options of a heavy task. ``max_calls=0`` keeps a GPU task's worker
+        for later tasks, where Ray would start a new process for each (``max_calls=1``)."""
         if self.target != "ray":
             return {}
         options = {"num_cpus": self.cpus_per_task}
         if self.gpus_per_task:
             options["num_gpus"] = self.gpus_per_task
+            if self.reuse_gpu_workers:
+                options["max_calls"] = 0
         return options
 
 
@@ -60,7 +77,8 @@ def worker_env() -> dict[str, str]:
 def ray_init_kwargs(address: str) -> dict:
     """Arguments for ``ray.init``: a local cluster without the dashboard or token auth, or a
     connection to ``address``; the worker environment travels in ``runtime_env``."""
-    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "namespace": "eqdiff",
+    kwargs: dict = {"runtime_env": {"env_vars": {**worker_env(), **RAY_WORKER_ENV}},
+                    "namespace": "eqdiff",
                     "log_to_driver": True}
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -80,13 +98,15 @@ def gpu_request(requested: float, cluster_gpus: float) -> float:
     return requested if cluster_gpus >= requested > 0 else 0.0
 
 
-def plan_compute(target: ComputeTarget, address: str = "",
-                 gpus_per_task: float = 1.0) -> ComputePlan:
+def plan_compute(target: ComputeTarget, address: str = "", gpus_per_task: float = 1.0, *,
+                 reuse_gpu_workers: bool = True) -> ComputePlan:
     """Start or join Ray (for ``ray``) and size task requests to the cluster.
 
     ``address`` defaults to ``RAY_ADDRESS``; empty starts a local Ray instance. A task asks for
     ``gpus_per_task`` GPUs (a fraction shares a GPU, see :func:`gpu_request`) only when the
-    cluster has at least that many, else for none (CPU).
+    cluster has at least that many, else for none (CPU). ``reuse_gpu_workers=False`` gives
+    every GPU task a new worker process (Ray's default), which hands all of its GPU memory
+    back when the task ends, at the price of imports and model loads per task.
     """
     if target == "local":
         return ComputePlan("local")
@@ -103,7 +123,9 @@ def plan_compute(target: ComputeTarget, address: str = "",
     if gpus_per_task and not per_task:
         logger.info("the Ray cluster has no GPU: tasks run on CPU")
     plan = ComputePlan("ray", address, gpus_per_task=per_task, cpus_per_task=1.0,
-                       cluster_gpus=gpus, cluster_cpus=cpus)
-    logger.info("compute: Ray %s with %g CPU, %g GPU; %g GPU per task",
-                address or "(local)", cpus, gpus, per_task)
+                       cluster_gpus=gpus, cluster_cpus=cpus, reuse_gpu_workers=reuse_gpu_workers)
+    logger.info("compute: Ray %s with %g CPU, %g GPU; %g GPU per task%s",
+                address or "(local)", cpus, gpus, per_task,
+                ("" if not per_task else ", GPU workers kept between tasks"
+                 if reuse_gpu_workers else ", a new worker per GPU task"))
     return plan

@@ -233,7 +233,8 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
     for problem in dataset.problems:
         log.warning("dataset: %s", problem.message)
     subjects, unknown = select_subjects(dataset, params.subjects)
-    plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject)
+    plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject,
+                        reuse_gpu_workers=params.reuse_gpu_workers)
     ctx = RunContext(run_id, config)
     log.info("run %s: %d subjects × %d methods on %s", run_id, len(subjects),
              len(config.methods), plan.target)

@@ -59,6 +59,10 @@ class CustomizeParams(BaseModel):
     gpus_per_subject: float = Field(
         1.0, gt=0, le=8, description="GPUs per subject's training task on Ray; 0.5 trains two "
                                      "subjects side by side on each GPU (small models)")
+    reuse_gpu_workers: bool = Field(
+        True, description="Keep Ray's GPU worker processes, and the models they loaded, for "
+                          "later tasks; off: a new process per GPU task (Ray's default), which "
+                          "hands back all of its GPU memory when the task ends")
     run_id: str = Field("", description="Name of the run in the store (empty: derived from "
                                         "these parameters, so a rerun continues the same run)")
     overrides: dict[str, object] = Field(
@@ -100,5 +104,6 @@ class CustomizeParams(BaseModel):
         if self.run_id:
             return self.run_id
         payload = self.model_dump(exclude={"storage_url", "s3_endpoint_url", "compute",
-                                           "ray_address", "gpus_per_subject", "run_id"})
+                                           "ray_address", "gpus_per_subject",
+                                           "reuse_gpu_workers", "run_id"})
         return f"run-{config_hash(payload, length=10)}"

@@ -20,7 +20,7 @@ from eqdiff.datasets import Subject
 from eqdiff.storage import StorageUnavailableError
 from eqdiff.training import ProgressBar
 from tasks.progress import PrefectProgress
-from tasks.resources import concept_generator, device_for_task, scorers
+from tasks.resources import concept_generator, scorers, task_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,16 @@ def preprocess(ctx: stages.RunContext, subject: Subject) -> dict:
 
 @task(name="extract-masks", **COMMON)
 def extract_masks(ctx: stages.RunContext, subject: Subject) -> dict:
-    return _record(stages.extract_masks(ctx, subject, device=device_for_task()))
+    with task_device() as device:
+        return _record(stages.extract_masks(ctx, subject, device=device))
 
 
 @task(name="class-priors", **COMMON)
 def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
     progress = PrefectProgress(f"class priors: {class_noun}")
-    return _record(stages.class_priors(ctx, class_noun, device=device_for_task(),
-                                       progress=progress.update))
+    with task_device() as device:
+        return _record(stages.class_priors(ctx, class_noun, device=device,
+                                           progress=progress.update))
 
 
 @task(name="train-concept", **COMMON)
@@ -79,8 +81,10 @@ def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method:
     callbacks = [progress.training_callback()]
     if sys.stderr.isatty():  # a terminal (the local runner): a progress bar too
         callbacks.append(ProgressBar(f"{subject}/{method.name}"))
-    return _record(stages.train(ctx, subject, class_noun, method, prior_prefix=prior_prefix,
-                                device=device_for_task(), callbacks=callbacks))
+    with task_device() as device:
+        return _record(stages.train(ctx, subject, class_noun, method,
+                                    prior_prefix=prior_prefix, device=device,
+                                    callbacks=callbacks))
 
 
 @task(name="generate-images", **COMMON)
@@ -92,13 +96,15 @@ def generate_images(ctx: stages.RunContext, subject: Subject, method: str,
         return concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
                                  local_files_only=ctx.config.model.local_files_only)
 
-    return _record(stages.generate(ctx, generator, subject, method, prompts,
-                                   progress=progress.update))
+    with task_device():  # the generator (cached in this worker) takes the same device
+        return _record(stages.generate(ctx, generator, subject, method, prompts,
+                                       progress=progress.update))
 
 
 @task(name="score-subject", **COMMON)
 def score_subject(ctx: stages.RunContext, subject: Subject, methods: list[str]) -> dict:
-    return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
+    with task_device():
+        return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
 
 
 @task(name="build-report", **COMMON)
