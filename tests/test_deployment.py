@@ -1,5 +1,6 @@
 """The deployments of deployments/prefect.yaml: registered with ``prefect deploy`` on the session's
-Prefect server, run by a process worker, triggered through the API as the UI does."""
+Prefect server, run by a process worker, triggered through the API as the UI does. And the run
+files users start from (examples/, the README's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 RUN_TIMEOUT_S = 600.0
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -113,3 +116,34 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
     assert nightly.paused
     assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", False)]
     assert nightly.parameters["params"]["run_id"] == "nightly-demo"
+
+
+RUN_FILES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+def _readme_run_file() -> str:
+    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    after = readme[readme.index("A run file is YAML"):]
+    return after[after.index("```yaml\n") + len("```yaml\n"):after.index("```\n", 8)]
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=lambda path: path.name)
+def test_example_run_files_are_valid_runs(path: Path) -> None:
+    """Every run file in examples/ (and the README's) holds only flow parameters, and its
+    overrides name real configuration fields."""
+    from flows.cli import _params, load_run_file
+
+    params = _params(load_run_file(path))
+    config = params.run_config(base_model=params.base_model)
+    assert config.train.steps == params.steps and params.methods
+
+
+def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
+    from flows.cli import _params, load_run_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text(_readme_run_file())
+    params = _params(load_run_file(path))
+    config = params.run_config(base_model=params.base_model)
+    assert len(config.methods) == 6 and config.train.learning_rate == 4.0e-5
+    assert RUN_FILES, "examples/ has run files"
