@@ -16,6 +16,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from synthetic import RESOLUTION, random_concept, random_reference_image
 from synthetic import random_concept_data as make_data
+from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
 from eqdiff.compilation import RECOMPILE_LIMIT, CompiledRegions, compile_regions, compiled_calls
@@ -156,6 +157,34 @@ def test_compiled_blocks_train_like_eager_blocks(tiny_sd):
     got = _train(trainer, 3)
     assert counters["stats"]["unique_graphs"] >= 3  # compiled code ran (not eager fallback)
     _assert_same_training(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_later_trainer_in_the_same_process_runs_the_compiled_blocks_without_compiling(
+        tiny_sd):
+    """A kept Ray worker's next subject (new weights, same shapes) reuses the blocks compiled
+    for the first: dynamo traces nothing again, and the compiled code runs."""
+    runs = []
+
+    def counting_backend(graph, example_inputs):
+        compiled = aot_eager(graph, example_inputs)
+
+        def run(*args):
+            runs.append(1)
+            return compiled(*args)
+        return run
+
+    for subject in ("first", "next"):
+        trainer = _trainer(tiny_sd, _config(2))
+        (reference,) = trainer.extensions[0].networks()
+        trainer.compiled = compile_regions(trainer.components.unet,
+                                           trainer.components.text_encoder, reference,
+                                           backend=counting_backend)
+        counters.clear()
+        before = len(runs)
+        _train(trainer, 2)
+        traced = counters["stats"]["unique_graphs"]
+        assert len(runs) > before, subject  # compiled code ran, not an eager fallback
+        assert (traced > 0) if subject == "first" else (traced == 0), (subject, traced)
 
 
 def test_a_failed_compile_names_the_setting_to_turn_off(tiny_sd):
