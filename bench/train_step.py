@@ -663,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.methods:
             method = method_preset(name)
             row: dict[str, Any] = {"method": name, "frozen_weights": frozen}
+            report["results"].append(row)  # saved after every run: a cut-short stage keeps them
             label = f"{name} [{frozen} frozen]"
             variants = [("ours", "off")] + ([("ours_graphed", "on")] if graphs else [])
             for key, graph_mode in variants:
@@ -672,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row[key] = guarded(lambda m=method, c=config: measure_ours(
                     components, data, m, c, device, args.warmup, args.steps),
                     f"{label} {key}", components, processors)
+                save()
             if graphs and args.channels_last:  # the lever, measured before it is adopted
                 config = run_config(method, resolution, args.warmup + args.steps,
                                     names("ours"), args.precision, cuda_graphs="on")
@@ -682,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         lambda m=method, c=config: measure_ours(
                             components, data, m, c, device, args.warmup, args.steps),
                         f"{label} channels-last", components, processors)
+                    save()
                 finally:
                     components.unet.to(memory_format=torch.contiguous_format)
             if graphs and args.batch_multiple > 1:  # what batching subjects could pay
@@ -694,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lambda m=method, c=config: measure_ours(
                         components, data, m, c, device, args.warmup, args.steps),
                     f"{label} batch x{k}", components, processors)
+                save()
             if args.compile and name in args.compile:  # measured before it is adopted
                 # the second run is a kept worker's next subject: the compiled code is in memory
                 for key, what in (("ours_compiled", "compiled"),
@@ -706,6 +710,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     row[key] = guarded(lambda m=method, c=config: measure_ours(
                         components, data, m, c, device, args.warmup, args.steps),
                         f"{label} {what}", components, processors)
+                    save()
                 row["compiled_loss_agreement"] = loss_agreement(row["ours"],
                                                                 row["ours_compiled"])
             if graphs:
@@ -716,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row["reference"] = guarded(lambda m=method, c=ref_config: measure_reference(
                     components, data, m, c, device, args.warmup, args.steps),
                     f"{label} reference", components, processors)
+                save()
             ref = row.get("reference", {})
             for key, ratio in (("ours", "ratio_ours_over_reference"),
                                ("ours_graphed", "ratio_graphed_over_reference")):
@@ -726,7 +732,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row["note"] = "reference has no RRA (K/V + token loop)"
             elif method.fdte:
                 row["note"] = "ours trains 2 token vectors (FDTE), ref 1"
-            report["results"].append(row)
             save()
             write(table_row(row))
     write(f"\nweights + data allocated: {weights_mib if weights_mib is not None else 'n/a'} "
