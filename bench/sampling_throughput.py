@@ -89,11 +89,17 @@ def _timed(runs: dict[str, Callable[[], object]], repeat: int,
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    first = {name: once(run) for name, run in runs.items()}
+    def logged(name: str, what: str, run: Callable[[], object]) -> float:
+        seconds = once(run)  # each time on stderr at once: a run cut short keeps them
+        sys.stderr.write(f"{name}: {what} {seconds:.3f} s\n")
+        sys.stderr.flush()
+        return seconds
+
+    first = {name: logged(name, "first call", run) for name, run in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
-            times[name].append(once(run))
+            times[name].append(logged(name, "call", run))
     return {name: min(values) for name, values in times.items()}, first
 
 
