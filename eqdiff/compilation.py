@@ -14,10 +14,11 @@ Blocks are compiled per instance, never on the class: the instance's ``forward``
 class's forward compiled and bound to that instance (so ``copy.deepcopy`` rebinds it to the
 copy), and :meth:`CompiledRegions.remove` deletes it again.
 
-Inductor caches what it compiles on disk (its FX graph and AOTAutograd caches under
-``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``), so a later process on
-the same machine — the next subject's Ray worker, a rerun — compiles the same blocks from the
-cache in a fraction of the first compile's time.
+Within one process the compiled code serves every later network with the same block shapes:
+the next subject trained by a kept Ray worker traces and compiles nothing. Inductor also caches
+what it compiles on disk (its FX graph and AOTAutograd caches under ``TORCHINDUCTOR_CACHE_DIR``,
+by default ``/tmp/torchinductor_<user>``), so a later process on the same machine — a new
+worker, a rerun — only traces again and takes the compiled kernels from the cache.
 """
 
 from __future__ import annotations

@@ -124,7 +124,12 @@ RUN_FILES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 def _readme_run_file() -> str:
     readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
     after = readme[readme.index("A run file is YAML"):]
-    return after[after.index("```yaml\n") + len("```yaml\n"):after.index("```\n", 8)]
+    start = after.index("```yaml\n") + len("```yaml\n")
+    return after[start:after.index("```\n", start)]
+
+
+def test_examples_holds_run_files() -> None:
+    assert {path.name for path in RUN_FILES} >= {"dreambench.yaml", "dreambench-mini.yaml"}
 
 
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda path: path.name)
@@ -146,4 +151,3 @@ def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
     params = _params(load_run_file(path))
     config = params.run_config(base_model=params.base_model)
     assert len(config.methods) == 6 and config.train.learning_rate == 4.0e-5
-    assert RUN_FILES, "examples/ has run files"
