@@ -33,8 +33,8 @@ import torch.multiprocessing as mp
 from train_step import build_components, make_data  # bench/ is this script's folder
 
 from eqdiff.config import RunConfig, TrainConfig, method_preset
-from eqdiff.reference import training_extensions
-from eqdiff.training import ConceptTrainer
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.training import ConceptTrainer
 
 logger = logging.getLogger("bench.concepts_per_gpu")
 

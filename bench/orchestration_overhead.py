@@ -2,7 +2,8 @@
 
 The same workload runs three ways, each on a fresh local-folder store:
 
-- ``direct``: the :mod:`eqdiff.stages` functions called in a plain loop (on one worker thread,
+- ``direct``: the :mod:`eqdiff.pipeline.stages` functions called in a plain loop (on one worker
+thread,
   like the local task runner), in the order the flow runs them (preprocess, masks, class
   priors, train, generate, score, report), each model loaded once per run;
 - ``flow-local``: ``customize_dataset`` with ``compute="local"`` (tasks in this process, one at
@@ -81,11 +82,11 @@ def run_direct(params: Any) -> dict[str, bool]:
 def direct_stages(params: Any) -> dict[str, bool]:
     """The flow's stages as plain calls, set up as the flow sets them up; returns the
     training stage's ``skipped`` flags by ``subject/method``."""
-    from eqdiff import stages
     from eqdiff.config import EvalConfig
-    from eqdiff.metrics import CLIPScorer, DINOScorer
-    from eqdiff.sampling import ConceptGenerator
-    from eqdiff.storage import store_from_config
+    from eqdiff.evaluation.metrics import CLIPScorer, DINOScorer
+    from eqdiff.method.sampling import ConceptGenerator
+    from eqdiff.pipeline import stages
+    from eqdiff.store.storage import store_from_config
     from flows.customize import (
         DEFAULT_WORKDIR,
         evaluation_prompts,
@@ -172,9 +173,9 @@ def warm_imports() -> None:
     import open_clip  # noqa: F401
     import prefect_ray.task_runners  # noqa: F401
 
-    import eqdiff.metrics  # noqa: F401
-    import eqdiff.sampling  # noqa: F401
-    import eqdiff.stages  # noqa: F401
+    import eqdiff.evaluation.metrics  # noqa: F401
+    import eqdiff.method.sampling  # noqa: F401
+    import eqdiff.pipeline.stages  # noqa: F401
     import flows.customize  # noqa: F401
 
 

@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 from train_step import build_components, make_data, run_config  # bench/ is this folder
 
 from eqdiff.config import method_preset
-from eqdiff.reference import training_extensions
-from eqdiff.training import ConceptTrainer
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.training import ConceptTrainer
 
 TOP = 40
 

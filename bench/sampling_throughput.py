@@ -1,4 +1,4 @@
-"""Sampling throughput of :class:`eqdiff.sampling.ConceptGenerator`, with and without RRA,
+"""Sampling throughput of :class:`eqdiff.method.sampling.ConceptGenerator`, with and without RRA,
 against a plain ``StableDiffusionPipeline`` call on the same modules in the same process.
 
 Rows per batch size: ``pipeline`` (diffusers, base model), ``base`` (our loop, no concept),
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from eqdiff.concept import Concept, load_concept, save_concept
 from eqdiff.config import SampleConfig
-from eqdiff.models import SDComponents, load_sd_components
-from eqdiff.reference import ReferenceBank, install_rra, rra_layer_names, rra_learned_tensors
-from eqdiff.sampling import ConceptGenerator, ImageRequest, make_scheduler
-from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
+from eqdiff.fixtures.zoo import build_tiny_sd, sd15_shaped_components
+from eqdiff.method.concept import Concept, load_concept, save_concept
+from eqdiff.method.models import SDComponents, load_sd_components
+from eqdiff.method.reference import ReferenceBank, install_rra, rra_layer_names, rra_learned_tensors
+from eqdiff.method.sampling import ConceptGenerator, ImageRequest, make_scheduler
 
 PROMPTS = ["a <eqd> dog on the beach", "a watercolor painting of a <eqd> dog",
            "a <eqd> dog in the jungle", "a <eqd> dog wearing a hat"]

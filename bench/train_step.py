@@ -64,17 +64,17 @@ from diffusers.models.attention_processor import Attention, CustomDiffusionAttnP
 from torch import Tensor, nn
 
 from eqdiff.config import MethodConfig, RunConfig, TrainConfig, method_preset
-from eqdiff.embeddings import add_placeholder_token
-from eqdiff.models import SDComponents, load_sd_components
-from eqdiff.reference import training_extensions
-from eqdiff.training import (
+from eqdiff.fixtures.zoo import build_tiny_sd, sd15_shaped_components
+from eqdiff.method.embeddings import add_placeholder_token
+from eqdiff.method.models import SDComponents, load_sd_components
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.training import (
     CLASS_PROMPT,
     INSTANCE_PROMPT,
     ConceptData,
     ConceptTrainer,
     autocast_dtype,
 )
-from eqdiff.zoo import build_tiny_sd, sd15_shaped_components
 
 logger = logging.getLogger("bench.train_step")
 

@@ -271,7 +271,7 @@ class SampleConfig:
     # test_cuda_graphs.py, -m gpu) and the speed measured (bench/sampling_throughput.py).
     cuda_graphs: CudaGraphs = _not_hashed("off")
     # "regional": torch.compile the UNets' blocks, the reference UNet's and the VAE decoder's
-    # included (eqdiff/compilation.py); the first batch compiles. Off until measured to pay
+    # included (eqdiff/method/compilation.py); the first batch compiles. Off until measured to pay
     compile: Compile = _not_hashed("off")
 
     def __post_init__(self) -> None:

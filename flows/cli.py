@@ -94,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from eqdiff.toyworld import TOY_RUN_OVERRIDES
+    from eqdiff.fixtures.toyworld import TOY_RUN_OVERRIDES
 
     started = time.perf_counter()
     params = _params({"dataset": "toyworld", "base_model": "toy", "methods": DEMO_METHODS,
@@ -113,8 +113,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import webbrowser
 
-    from eqdiff.evaluation import rebuild_report
-    from eqdiff.storage import open_store
+    from eqdiff.evaluation.scores import rebuild_report
+    from eqdiff.store.storage import open_store
 
     out = Path(args.out or Path("artifacts") / "reports" / args.run_id)
     page = rebuild_report(open_store(args.store, endpoint_url=args.endpoint_url), args.run_id,
@@ -126,7 +126,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from eqdiff.zoo import build_zoo
+    from eqdiff.fixtures.zoo import build_zoo
 
     for role, folder in build_zoo(args.folder).items():
         logger.info("%s: %s", role, folder.resolve())
@@ -136,7 +136,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- the toy world
 
 def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
-    from eqdiff.toyworld.base_model import BaseTrainConfig, train_base_model
+    from eqdiff.fixtures.toyworld.base_model import BaseTrainConfig, train_base_model
 
     chosen = {name: getattr(args, name) for name in ("seed", "corpus_size", "vae_steps",
                                                       "unet_steps", "threads")}
@@ -147,7 +147,7 @@ def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
 
 
 def _cmd_toyworld_train_evaluators(args: argparse.Namespace) -> int:
-    from eqdiff.toyworld.evaluators import EvaluatorConfig, train_evaluators
+    from eqdiff.fixtures.toyworld.evaluators import EvaluatorConfig, train_evaluators
 
     record = train_evaluators(args.out, EvaluatorConfig(seed=args.seed), parts=args.parts)
     logger.info("evaluators written to %s: %s", args.out, record["checks"]["accuracy"])
@@ -155,7 +155,7 @@ def _cmd_toyworld_train_evaluators(args: argparse.Namespace) -> int:
 
 
 def _cmd_toyworld_card(args: argparse.Namespace) -> int:
-    from eqdiff.toyworld.card import write_model_card
+    from eqdiff.fixtures.toyworld.card import write_model_card
 
     logger.info("model card: %s", write_model_card(args.models))
     return 0
@@ -224,10 +224,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_concept_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eqdiff.concept import load_concept
     from eqdiff.config import SampleConfig
-    from eqdiff.images import load_image, normalise_image, pil_to_tensor
-    from eqdiff.sampling import ConceptGenerator, plan_requests
+    from eqdiff.data.images import load_image, normalise_image, pil_to_tensor
+    from eqdiff.method.concept import load_concept
+    from eqdiff.method.sampling import ConceptGenerator, plan_requests
 
     concept = load_concept(args.concept)
     token, class_noun = concept.placeholder_token, concept.record.get("class_noun", "")
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = commands.add_parser(
         "toyworld", help="the toy world: train its base model and evaluators, its benchmark")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
-    from eqdiff.toyworld import MODELS_ROOT
+    from eqdiff.fixtures.toyworld import MODELS_ROOT
 
     train_base = toy_commands.add_parser(
         "train-base", help="train the toy base model from scratch (under an hour on a CPU)",

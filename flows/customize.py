@@ -33,9 +33,9 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
-from eqdiff.datasets import Dataset, Subject, load_dataset
-from eqdiff.stages import RunContext
-from eqdiff.storage import ArtifactStore, artifact_key, store_from_config
+from eqdiff.data.datasets import Dataset, Subject, load_dataset
+from eqdiff.pipeline.stages import RunContext
+from eqdiff.store.storage import ArtifactStore, artifact_key, store_from_config
 from flows.compute import ComputePlan, plan_compute
 from flows.params import CustomizeParams
 from tasks import stages as t
@@ -167,11 +167,11 @@ def resolve_dataset(params: CustomizeParams, workdir: Path) -> Dataset:
     """The dataset folder, or a built-in one drawn into ``workdir``: ``toyworld`` (the toy
     world's novel subjects with context and style prompts) or ``demo`` (three painted objects)."""
     if params.dataset == "toyworld":
-        from eqdiff.toyworld.dataset import write_toy_dataset
+        from eqdiff.fixtures.toyworld.dataset import write_toy_dataset
 
         return load_dataset(write_toy_dataset(workdir / "toyworld-dataset"))
     if params.dataset == "demo":
-        from eqdiff.demo_data import write_demo_dataset
+        from eqdiff.fixtures.demo_data import write_demo_dataset
 
         return load_dataset(write_demo_dataset(workdir / "demo-dataset"))
     return load_dataset(params.dataset)
@@ -184,13 +184,13 @@ def resolve_base_model(params: CustomizeParams, workdir: Path) -> tuple[str, dic
     ``tiny`` the offline zoo's random tiny SD with random evaluators (for tests).
     """
     if params.base_model == "toy":
-        from eqdiff.toyworld import toy_models
+        from eqdiff.fixtures.toyworld import toy_models
 
         toy = toy_models()
         return str(toy["base"]), {"clip": str(toy["clip"]), "dino": str(toy["dino"])}
     if params.base_model != "tiny":
         return params.base_model, {}
-    from eqdiff.zoo import build_zoo
+    from eqdiff.fixtures.zoo import build_zoo
 
     zoo = build_zoo(workdir / "zoo")
     return str(zoo["base"]), {"clip": str(zoo["clip"]), "dino": str(zoo["dino"])}
@@ -198,7 +198,7 @@ def resolve_base_model(params: CustomizeParams, workdir: Path) -> tuple[str, dic
 
 def offline_resolution(base_model: str) -> int | None:
     """Image size of the built-in offline models (None: the config's, for real models)."""
-    from eqdiff.toyworld import TOY_RESOLUTION
+    from eqdiff.fixtures.toyworld import TOY_RESOLUTION
 
     return {"toy": TOY_RESOLUTION, "tiny": 64}.get(base_model)
 
@@ -295,8 +295,8 @@ def publish_artifacts(store: ArtifactStore, run_id: str, record: dict,
                       report: dict | None) -> None:
     """Prefect artifacts: the summary score table, and a markdown note with the report link,
     failures and a few thumbnails."""
-    from eqdiff.evaluation import load_run_scores
-    from eqdiff.report import method_table, subject_table
+    from eqdiff.evaluation.report import method_table, subject_table
+    from eqdiff.evaluation.scores import load_run_scores
 
     scores, failures = load_run_scores(store, run_id, record)
     if len(scores):

@@ -17,10 +17,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from eqdiff.evaluation import load_run_scores
-from eqdiff.storage import open_store
-from eqdiff.toyworld import TOY_RUN_OVERRIDES
-from eqdiff.toyworld.benchmark import markdown_table, plot_summary, summarise
+from eqdiff.evaluation.scores import load_run_scores
+from eqdiff.fixtures.toyworld import TOY_RUN_OVERRIDES
+from eqdiff.fixtures.toyworld.benchmark import markdown_table, plot_summary, summarise
+from eqdiff.store.storage import open_store
 from flows.customize import customize_dataset
 from flows.params import CustomizeParams, MethodName
 

@@ -3,7 +3,8 @@
     .venv/bin/python scripts/grabcut_quality.py [--real ../shared/data/dreambench-mini]
         [--figure docs/figures/grabcut_dreambench_mini.png]
 
-The synthetic score uses drawn objects with known masks (eqdiff.demo_data); the real photos have
+The synthetic score uses drawn objects with known masks (eqdiff.fixtures.demo_data); the real
+photos have
 no ground truth, so they are shown as an overlay grid (one row per subject) to judge by eye.
 """
 
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from eqdiff.datasets import load_dataset
-from eqdiff.demo_data import PAINTERS, render_demo_image
-from eqdiff.images import load_image, normalise_image
-from eqdiff.masks import GrabCutMask, MaskInput, mask_coverage, mask_iou, overlay, overlay_grid
+from eqdiff.data.datasets import load_dataset
+from eqdiff.data.images import load_image, normalise_image
+from eqdiff.data.masks import GrabCutMask, MaskInput, mask_coverage, mask_iou, overlay, overlay_grid
+from eqdiff.fixtures.demo_data import PAINTERS, render_demo_image
 
 logger = logging.getLogger("grabcut_quality")
 

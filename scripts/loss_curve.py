@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
-from eqdiff.datasets import load_dataset
-from eqdiff.demo_data import write_demo_dataset
-from eqdiff.images import load_image, normalise_image, pil_to_tensor
-from eqdiff.masks import mask_to_tensor
-from eqdiff.models import load_sd_components
-from eqdiff.priors import generate_class_priors
-from eqdiff.reference import training_extensions
-from eqdiff.training import ConceptData, ProgressBar, train_concept
-from eqdiff.zoo import build_zoo
+from eqdiff.data.datasets import load_dataset
+from eqdiff.data.images import load_image, normalise_image, pil_to_tensor
+from eqdiff.data.masks import mask_to_tensor
+from eqdiff.fixtures.demo_data import write_demo_dataset
+from eqdiff.fixtures.zoo import build_zoo
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.priors import generate_class_priors
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.training import ConceptData, ProgressBar, train_concept
 
 
 def main() -> int:

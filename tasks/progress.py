@@ -7,7 +7,7 @@ import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from eqdiff.training import ConceptTrainer, StepResult, TrainingCallback
+from eqdiff.method.training import ConceptTrainer, StepResult, TrainingCallback
 
 logger = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def _dtype(device: str):  # noqa: ANN202 - torch dtype
 @lru_cache(maxsize=1)
 def _generator(base_model: str, sample: SampleConfig, rra: RRAConfig, device: str,
                local_files_only: bool):  # noqa: ANN202 - ConceptGenerator
-    from eqdiff.sampling import ConceptGenerator
+    from eqdiff.method.sampling import ConceptGenerator
 
     return ConceptGenerator.from_pretrained(base_model, sample, rra, device=device,
                                             dtype=_dtype(device),
@@ -144,7 +144,7 @@ def concept_generator(base_model: str, sample: SampleConfig, rra: RRAConfig, *,
 @lru_cache(maxsize=1)
 def _scorers(clip_model: str, clip_pretrained: str, dino_model: str, device: str,
              batch_size: int):  # noqa: ANN202 - (CLIPScorer, DINOScorer)
-    from eqdiff.metrics import CLIPScorer, DINOScorer
+    from eqdiff.evaluation.metrics import CLIPScorer, DINOScorer
 
     return (CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=batch_size),
             DINOScorer(dino_model, device=device, batch_size=batch_size))

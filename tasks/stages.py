@@ -1,7 +1,9 @@
-"""Thin Prefect tasks over :mod:`eqdiff.stages`: resolve inputs, call one function, return keys.
+"""Thin Prefect tasks over :mod:`eqdiff.pipeline.stages`: resolve inputs, call one function, return
+keys.
 
 Retries are for transient trouble only (storage or network hiccups, a lost Ray worker);
-a :class:`~eqdiff.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and is
+a :class:`~eqdiff.pipeline.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and
+is
 reported. Prefect's own result caching is off: the stages' completion markers in the store
 decide what is already done.
 """
@@ -14,11 +16,11 @@ import sys
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from eqdiff import stages
 from eqdiff.config import MethodConfig
-from eqdiff.datasets import Subject
-from eqdiff.storage import StorageUnavailableError
-from eqdiff.training import ProgressBar
+from eqdiff.data.datasets import Subject
+from eqdiff.method.training import ProgressBar
+from eqdiff.pipeline import stages
+from eqdiff.store.storage import StorageUnavailableError
 from tasks.progress import PrefectProgress
 from tasks.resources import concept_generator, scorers, task_device
 

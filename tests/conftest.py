@@ -68,7 +68,7 @@ def s3_bucket_url(s3_client) -> str:
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The offline tiny models (SD, CLIP, DINO), built once per session, as folders."""
-    from eqdiff.zoo import build_zoo
+    from eqdiff.fixtures.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 

@@ -4,10 +4,10 @@ import copy
 
 import torch
 
-from eqdiff.concept import load_concept, save_concept
-from eqdiff.models import load_sd_components
-from eqdiff.reference import ReferenceBank, install_rra, rra_layer_names, rra_learned_tensors
-from eqdiff.training import ConceptData
+from eqdiff.method.concept import load_concept, save_concept
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import ReferenceBank, install_rra, rra_layer_names, rra_learned_tensors
+from eqdiff.method.training import ConceptData
 
 RESOLUTION = 64
 

@@ -19,7 +19,6 @@ from synthetic import random_concept_data as make_data
 from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
-from eqdiff.compilation import RECOMPILE_LIMIT, CompiledRegions, compile_regions, compiled_calls
 from eqdiff.config import (
     RunConfig,
     SampleConfig,
@@ -28,11 +27,17 @@ from eqdiff.config import (
     method_preset,
     with_overrides,
 )
-from eqdiff.models import load_sd_components
-from eqdiff.reference import training_extensions
-from eqdiff.sampling import ConceptGenerator, plan_requests
-from eqdiff.training import ConceptTrainer, training_hash
-from eqdiff.zoo import build_tiny_sd
+from eqdiff.fixtures.zoo import build_tiny_sd
+from eqdiff.method.compilation import (
+    RECOMPILE_LIMIT,
+    CompiledRegions,
+    compile_regions,
+    compiled_calls,
+)
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.sampling import ConceptGenerator, plan_requests
+from eqdiff.method.training import ConceptTrainer, training_hash
 
 
 def _config(steps: int, **train) -> RunConfig:

@@ -18,11 +18,11 @@ from synthetic import RESOLUTION, random_concept, random_reference_image
 from synthetic import random_concept_data as make_data
 
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
-from eqdiff.models import load_sd_components
-from eqdiff.reference import training_extensions
-from eqdiff.sampling import ConceptGenerator, plan_requests
-from eqdiff.training import ConceptTrainer, cuda_graph_mode, train_concept
-from eqdiff.zoo import build_tiny_sd
+from eqdiff.fixtures.zoo import build_tiny_sd
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.sampling import ConceptGenerator, plan_requests
+from eqdiff.method.training import ConceptTrainer, cuda_graph_mode, train_concept
 
 
 def _config(steps: int, graphs: str = "auto", **train) -> RunConfig:
@@ -165,7 +165,8 @@ def test_a_failed_capture_warns_and_trains_on_eagerly(tiny_sd, monkeypatch, capl
 
 
 class ReplayOnCopies:
-    """CPU stand-in for :class:`eqdiff.sampling.CapturedCall` with a graph's memory semantics:
+    """CPU stand-in for :class:`eqdiff.method.sampling.CapturedCall` with a graph's memory
+    semantics:
     ``fn`` runs on the call's own copies of the inputs, and every call's results land in the
     tensors the first call returned (a replay overwrites its outputs)."""
 
@@ -192,7 +193,7 @@ def test_replayed_calls_on_static_memory_draw_the_eager_images(tiny_sd, tmp_path
     sample = SampleConfig(steps=3, resolution=RESOLUTION, batch_size=4)
     eager = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
     replayed = ConceptGenerator(load_sd_components(tiny_sd, local_files_only=True), sample)
-    monkeypatch.setattr("eqdiff.sampling.CapturedCall", ReplayOnCopies)
+    monkeypatch.setattr("eqdiff.method.sampling.CapturedCall", ReplayOnCopies)
     replayed.graph_mode = "on"
     concept = random_concept(tiny_sd, tmp_path / "rra", rra=True)
     requests = plan_requests("ball", ["a <eqd> ball", "a <eqd> ball in the snow"], 5,
@@ -211,7 +212,7 @@ def test_sampling_after_a_failed_capture_draws_the_eager_images(tiny_sd, monkeyp
     def failing_capture(fn, inputs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr("eqdiff.sampling.CapturedCall", failing_capture)
+    monkeypatch.setattr("eqdiff.method.sampling.CapturedCall", failing_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     tried.graph_mode = "auto"
     requests = plan_requests("ball", ["a ball", "a ball in the snow"], 2, base_seed=0)

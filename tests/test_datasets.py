@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eqdiff.datasets import (
+from eqdiff.data.datasets import (
     LIVE_PROMPTS,
     OBJECT_PROMPTS,
     PromptSet,
@@ -21,7 +21,7 @@ from eqdiff.datasets import (
     parse_dreambench_prompts,
     validate_subject_name,
 )
-from eqdiff.demo_data import write_demo_dataset
+from eqdiff.fixtures.demo_data import write_demo_dataset
 
 # The class table of DreamBench's prompts_and_classes.txt (30 subjects, file order).
 DREAMBENCH_CLASSES = [

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from eqdiff.demo_data import write_demo_dataset
+from eqdiff.fixtures.demo_data import write_demo_dataset
 
 pytestmark = pytest.mark.ray
 

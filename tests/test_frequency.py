@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eqdiff.config import FrequencyConfig
-from eqdiff.frequency import (
+from eqdiff.method.frequency import (
     Band,
     apply_bands,
     band_filter,

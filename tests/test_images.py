@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from eqdiff.images import (
+from eqdiff.data.images import (
     ImageError,
     file_sha256,
     fit_mask,

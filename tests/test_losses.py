@@ -5,9 +5,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from eqdiff.config import LossConfig
-from eqdiff.losses import (
+from eqdiff.method.losses import (
     LossTerms,
     cross_attention_mask_loss,
+    latent_masks,
     masked_diffusion_loss,
     masked_noising,
     prior_preservation_loss,
@@ -292,3 +293,23 @@ def test_total_loss_with_absent_or_zero_weight_parts():
         total_loss({"prior": inst}, LossConfig())
     with pytest.raises(ValueError):
         total_loss({"inst": torch.ones(2)}, LossConfig())
+
+
+# --------------------------------------------------------------------------- latent masks
+
+def test_latent_masks_resize_nearest_then_dilate() -> None:
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    masks[0, 0, 32:34, 32:34] = True  # one latent pixel at 32x32
+    latent = latent_masks(masks, 32, iterations=2, kernel=3)
+    assert latent.shape == (2, 1, 32, 32) and latent.dtype == torch.float32
+    assert latent.device == masks.device
+    expected = torch.zeros(32, 32)
+    expected[14:19, 14:19] = 1  # 16 ± 2 iterations × 1 px
+    torch.testing.assert_close(latent[0, 0], expected)
+    assert latent[1].sum() == 0
+    undilated = latent_masks(masks.float(), 32, iterations=0, kernel=5)
+    assert undilated[0, 0].sum() == 1
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        latent_masks(masks[0], 32, iterations=1, kernel=3)
+    with pytest.raises(ValueError, match="odd"):
+        latent_masks(masks, 32, iterations=1, kernel=4)

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from eqdiff.config import MaskConfig
-from eqdiff.demo_data import PAINTERS, render_demo_image
-from eqdiff.images import fit_mask, plan_square_fit
-from eqdiff.masks import (
+from eqdiff.data.images import fit_mask, plan_square_fit
+from eqdiff.data.masks import (
     AlphaMask,
     ClipSegMask,
     FullMask,
@@ -31,12 +30,12 @@ from eqdiff.masks import (
     extract_mask,
     fill_holes,
     keep_largest_components,
-    latent_masks,
     mask_cache_key,
     mask_iou,
     settings_hash,
     write_subject_masks,
 )
+from eqdiff.fixtures.demo_data import PAINTERS, render_demo_image
 
 
 def _synthetic(count_per_subject: int, size: int, seed: int = 100) -> list[tuple[MaskInput,
@@ -175,7 +174,7 @@ class CountingExtractor:
 def test_empty_and_full_masks_warn(fill: float, words: str,
                                    caplog: pytest.LogCaptureFixture) -> None:
     image, _ = _square_case()
-    with caplog.at_level(logging.WARNING, logger="eqdiff.masks"):
+    with caplog.at_level(logging.WARNING, logger="eqdiff.data.masks"):
         result = extract_mask(MaskInput(image, "s", "00"), CountingExtractor(fill))
     assert result.extractor == "counting"
     assert any(words in w for w in result.warnings)
@@ -314,7 +313,7 @@ def tiny_clipseg(tmp_path_factory: pytest.TempPathFactory) -> str:
         ViTImageProcessor,
     )
 
-    from eqdiff.zoo import save_clip_tokenizer
+    from eqdiff.fixtures.zoo import save_clip_tokenizer
 
     root = tmp_path_factory.mktemp("clipseg")
     torch.manual_seed(0)
@@ -364,26 +363,6 @@ def test_build_extractor_names() -> None:
         build_extractor("provided", config)
     with pytest.raises(ValueError, match="unknown mask extractor"):
         build_extractor("magic", config)
-
-
-# --------------------------------------------------------------------------- training masks
-
-def test_latent_masks_resize_nearest_then_dilate() -> None:
-    masks = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
-    masks[0, 0, 32:34, 32:34] = True  # one latent pixel at 32x32
-    latent = latent_masks(masks, 32, iterations=2, kernel=3)
-    assert latent.shape == (2, 1, 32, 32) and latent.dtype == torch.float32
-    assert latent.device == masks.device
-    expected = torch.zeros(32, 32)
-    expected[14:19, 14:19] = 1  # 16 ± 2 iterations × 1 px
-    torch.testing.assert_close(latent[0, 0], expected)
-    assert latent[1].sum() == 0
-    undilated = latent_masks(masks.float(), 32, iterations=0, kernel=5)
-    assert undilated[0, 0].sum() == 1
-    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
-        latent_masks(masks[0], 32, iterations=1, kernel=3)
-    with pytest.raises(ValueError, match="odd"):
-        latent_masks(masks, 32, iterations=1, kernel=4)
 
 
 # --------------------------------------------------------------------------- subject stage

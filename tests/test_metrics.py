@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eqdiff.metrics import (
+from eqdiff.evaluation.metrics import (
     CLIPScorer,
     DINOScorer,
     FeatureCache,
@@ -26,7 +26,7 @@ from eqdiff.metrics import (
     strip_placeholder,
     subject_scores,
 )
-from eqdiff.zoo import build_tiny_clip, build_tiny_dino
+from eqdiff.fixtures.zoo import build_tiny_clip, build_tiny_dino
 
 
 @pytest.fixture(scope="module")

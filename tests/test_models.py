@@ -7,14 +7,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from eqdiff.models import ModelLoadError, load_sd_components, model_identity
-from eqdiff.zoo import (
+from eqdiff.fixtures.zoo import (
     build_tiny_clip,
     build_tiny_dino,
     build_tiny_sd,
     save_clip_tokenizer,
     tiny_sd_pipeline,
 )
+from eqdiff.method.models import ModelLoadError, load_sd_components, model_identity
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_tiny_dino_loads_with_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_sd15_shaped_components_have_sd15_sizes():
-    from eqdiff.zoo import sd15_shaped_components
+    from eqdiff.fixtures.zoo import sd15_shaped_components
 
     parts = sd15_shaped_components()
     unet_params = sum(p.numel() for p in parts.unet.parameters())
@@ -130,8 +130,8 @@ def test_sd15_shaped_components_have_sd15_sizes():
 
 def test_weights_replaced_in_place_change_every_cache_key(tmp_path):
     from eqdiff.config import EvalConfig, ModelConfig, RunConfig, method_preset
-    from eqdiff.stages import evaluation_hash
-    from eqdiff.training import training_hash
+    from eqdiff.method.training import training_hash
+    from eqdiff.pipeline.stages import evaluation_hash
 
     base, clip, dino = tmp_path / "base", tmp_path / "clip", tmp_path / "dino"
     build_tiny_sd(base, seed=0)
@@ -153,7 +153,7 @@ def test_weights_replaced_in_place_change_every_cache_key(tmp_path):
 
 
 def test_no_float32_warning_when_no_module_must_stay_float32(tiny_sd):
-    import eqdiff.models  # noqa: F401  (installs the filter)
+    import eqdiff.method.models  # noqa: F401  (installs the filter)
 
     class Collect(logging.Handler):
         def __init__(self) -> None:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eqdiff.datasets import Subject, load_dataset
-from eqdiff.demo_data import write_demo_dataset
-from eqdiff.masks import (
+from eqdiff.data.datasets import Subject, load_dataset
+from eqdiff.data.masks import (
     GrabCutMask,
     MaskCache,
     ProvidedMasks,
@@ -21,13 +20,14 @@ from eqdiff.masks import (
     mask_iou,
     write_subject_masks,
 )
-from eqdiff.preprocess import (
+from eqdiff.data.preprocess import (
     SubjectManifest,
     default_min_side,
     mask_inputs,
     preprocess_subject,
     preprocess_subjects,
 )
+from eqdiff.fixtures.demo_data import write_demo_dataset
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:

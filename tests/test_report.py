@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from eqdiff.evaluation import load_run_scores, rebuild_report, save_scores
-from eqdiff.metrics import REAL_IMAGES, SCORE_COLUMNS
-from eqdiff.report import (
+from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
+from eqdiff.evaluation.report import (
     SECTION_IDS,
     class_table,
     method_table,
@@ -25,7 +24,8 @@ from eqdiff.report import (
     subject_table,
     write_report,
 )
-from eqdiff.storage import open_store
+from eqdiff.evaluation.scores import load_run_scores, rebuild_report, save_scores
+from eqdiff.store.storage import open_store
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -5,10 +5,10 @@ import torch
 from synthetic import RESOLUTION
 from synthetic import random_concept_data as make_data
 
-from eqdiff.concept import ConceptError, apply_concept, load_concept, save_concept
 from eqdiff.config import RunConfig, TrainConfig, method_preset, with_overrides
-from eqdiff.models import load_sd_components
-from eqdiff.reference import (
+from eqdiff.method.concept import ConceptError, apply_concept, load_concept, save_concept
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import (
     RRA_PREFIX,
     ReferenceBank,
     RRAExtension,
@@ -26,7 +26,7 @@ from eqdiff.reference import (
     training_extensions,
     unit_clamp,
 )
-from eqdiff.training import TrainingCallback, train_concept
+from eqdiff.method.training import TrainingCallback, train_concept
 
 
 def config(steps=2) -> RunConfig:

@@ -7,11 +7,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from synthetic import random_concept as _concept
 from synthetic import random_reference_image
 
-from eqdiff.concept import ConceptError, load_concept, save_concept
 from eqdiff.config import RunConfig, SampleConfig, TrainConfig, method_preset
-from eqdiff.models import load_sd_components
-from eqdiff.reference import RRAProcessor, training_extensions
-from eqdiff.sampling import (
+from eqdiff.method.concept import ConceptError, load_concept, save_concept
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import RRAProcessor, training_extensions
+from eqdiff.method.sampling import (
     ConceptGenerator,
     ImageRequest,
     image_seed,
@@ -19,7 +19,7 @@ from eqdiff.sampling import (
     plan_requests,
     read_png_metadata,
 )
-from eqdiff.training import ConceptData, train_concept
+from eqdiff.method.training import ConceptData, train_concept
 
 RESOLUTION = 64
 SAMPLE = SampleConfig(steps=2, resolution=RESOLUTION, batch_size=4)

@@ -6,11 +6,11 @@ import torch
 from synthetic import RESOLUTION
 from synthetic import random_concept_data as make_data
 
-from eqdiff.attention import CrossAttentionCapture, cross_attention_sides, install_custom_kv
 from eqdiff.config import RunConfig, TrainConfig, method_preset
-from eqdiff.embeddings import PlaceholderEmbeddings
-from eqdiff.models import load_sd_components
-from eqdiff.training import ConceptTrainer, frozen_weight_dtype
+from eqdiff.method.attention import CrossAttentionCapture, cross_attention_sides, install_custom_kv
+from eqdiff.method.embeddings import PlaceholderEmbeddings
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.training import ConceptTrainer, frozen_weight_dtype
 
 
 def _config(**train) -> RunConfig:

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from moto.server import ThreadedMotoServer
 
 from eqdiff.config import StorageConfig
-from eqdiff.storage import (
+from eqdiff.store.storage import (
     MARKER_NAME,
     ArtifactNotFoundError,
     ArtifactStore,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from eqdiff.datasets import load_dataset
-from eqdiff.toyworld.base_model import denoising_loss, latent_loss_weights, min_snr_weights
-from eqdiff.toyworld.dataset import prompt_change, prompt_templates, write_toy_dataset
-from eqdiff.toyworld.world import (
+from eqdiff.data.datasets import load_dataset
+from eqdiff.fixtures.toyworld.base_model import denoising_loss, latent_loss_weights, min_snr_weights
+from eqdiff.fixtures.toyworld.dataset import prompt_change, prompt_templates, write_toy_dataset
+from eqdiff.fixtures.toyworld.world import (
     CONTEXTS,
     NOVEL_PATTERNS,
     NOVEL_SUBJECTS,
@@ -26,7 +26,7 @@ from eqdiff.toyworld.world import (
     random_scene,
     render,
 )
-from eqdiff.zoo import SD_SCHEDULE
+from eqdiff.fixtures.zoo import SD_SCHEDULE
 
 
 def _pixels(image) -> np.ndarray:

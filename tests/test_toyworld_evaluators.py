@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eqdiff
-from eqdiff.metrics import (
+from eqdiff.evaluation.metrics import (
     CLIPScorer,
     DINOScorer,
     dino_preprocess,
     processor_preprocess,
 )
-from eqdiff.toyworld.evaluators import (
+from eqdiff.fixtures.toyworld.evaluators import (
     ATTRIBUTE_VALUES,
     EvaluatorConfig,
     attribute_accuracy,
@@ -41,8 +41,8 @@ from eqdiff.toyworld.evaluators import (
     train_evaluators,
     zero_shot_predictions,
 )
-from eqdiff.toyworld.world import COLOURS, ObjectSpec, SceneSpec, caption, object_words
-from eqdiff.zoo import build_tiny_dino
+from eqdiff.fixtures.toyworld.world import COLOURS, ObjectSpec, SceneSpec, caption, object_words
+from eqdiff.fixtures.zoo import build_tiny_dino
 
 # Floors for the committed evaluators on 30 fresh renders (measured 0.63 / 0.47 / 0.60 / 1.0 /
 # 1.0); chance is 1/6, 1/10, 1/6, 1/5, 1/5, and a random model must stay below every floor.
@@ -50,7 +50,7 @@ MIN_CLIP_ACCURACY = {"class": 0.45, "colour": 0.3, "pattern": 0.4, "context": 0.
 # Identity retrieval on 60 renders of 20 objects: measured top-1 0.68 (chance 0.034), cosine
 # same 0.66 vs different 0.20.
 MIN_DINO_TOP1, MIN_DINO_COSINE_GAP = 0.3, 0.2
-COMMITTED = Path(eqdiff.__file__).parent / "data" / "toyworld"
+COMMITTED = Path(eqdiff.__file__).parent / "fixtures" / "toyworld" / "models"
 CHANCE = {a: 1 / len(v) for a, v in ATTRIBUTE_VALUES.items()}
 
 

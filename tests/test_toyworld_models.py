@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from eqdiff.models import load_sd_components
-from eqdiff.toyworld import MODELS_ROOT, TOY_RESOLUTION, toy_models
-from eqdiff.toyworld.base_model import BaseTrainConfig, train_base_model
-from eqdiff.toyworld.benchmark import markdown_table, plot_summary, summarise
+from eqdiff.fixtures.toyworld import MODELS_ROOT, TOY_RESOLUTION, toy_models
+from eqdiff.fixtures.toyworld.base_model import BaseTrainConfig, train_base_model
+from eqdiff.fixtures.toyworld.benchmark import markdown_table, plot_summary, summarise
+from eqdiff.method.models import load_sd_components
 
 SMALL = BaseTrainConfig(corpus_size=96, vae_steps=20, unet_steps=10, warmup_steps=4,
                         batch_size=8, threads=1, log_every=5)
@@ -81,7 +81,7 @@ def test_the_committed_base_model_draws_what_its_captions_ask(tmp_path) -> None:
     chance (class 1/6, colour 1/10, style and context 1/5; a random or untrained model scores
     near it). Measured on these 48 samples: class 0.38, colour 0.40, pattern 0.44, context 0.58,
     style 0.73 (the model card has 150)."""
-    from eqdiff.toyworld.card import accuracy_on_samples, load_pipeline
+    from eqdiff.fixtures.toyworld.card import accuracy_on_samples, load_pipeline
 
     folders = toy_models()
     checks = accuracy_on_samples(load_pipeline(folders["base"]), folders["clip"], count=48)
@@ -94,7 +94,7 @@ def test_the_committed_base_model_draws_what_its_captions_ask(tmp_path) -> None:
 def test_missing_toy_models_name_the_rebuild_command(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="eqdiff toyworld train-base"):
         toy_models(tmp_path)
-    assert MODELS_ROOT.name == "toyworld"
+    assert MODELS_ROOT.parent.name == "toyworld"
 
 
 def _scores(seed: int, shift: float) -> pd.DataFrame:
@@ -159,9 +159,9 @@ def test_toy_mask_dilation_keeps_the_background_out_of_the_mask() -> None:
     """SD's dilation (±10 latent pixels) covers a toy image's whole 16×16 latent grid, which
     silently turns the mask-guided process off; the toy run settings keep a background."""
     from eqdiff.config import MaskConfig
-    from eqdiff.masks import latent_masks
-    from eqdiff.toyworld import TOY_RUN_OVERRIDES
-    from eqdiff.toyworld.world import NOVEL_SUBJECTS, SceneSpec, render
+    from eqdiff.fixtures.toyworld import TOY_RUN_OVERRIDES
+    from eqdiff.fixtures.toyworld.world import NOVEL_SUBJECTS, SceneSpec, render
+    from eqdiff.method.losses import latent_masks
 
     _, mask = render(NOVEL_SUBJECTS["split_star"], SceneSpec(size=0.28))
     pixels = torch.from_numpy(np.asarray(mask) > 0).float()[None, None]

@@ -6,17 +6,17 @@ from diffusers import StableDiffusionPipeline
 from synthetic import RESOLUTION
 from synthetic import random_concept_data as make_data
 
-from eqdiff.attention import CrossAttentionCapture, install_custom_kv
-from eqdiff.concept import ConceptError, apply_concept, load_concept, save_concept
 from eqdiff.config import RunConfig, TrainConfig, method_preset, with_overrides
-from eqdiff.embeddings import (
+from eqdiff.fixtures.zoo import build_tiny_sd
+from eqdiff.method.attention import CrossAttentionCapture, install_custom_kv
+from eqdiff.method.concept import ConceptError, apply_concept, load_concept, save_concept
+from eqdiff.method.embeddings import (
     PlaceholderEmbeddings,
     add_placeholder_token,
     install_placeholder_embeddings,
 )
-from eqdiff.models import load_sd_components
-from eqdiff.training import ProgressBar, train_concept
-from eqdiff.zoo import build_tiny_sd
+from eqdiff.method.models import load_sd_components
+from eqdiff.method.training import ProgressBar, train_concept
 
 
 def load(tiny_sd):

@@ -22,19 +22,18 @@ from PIL import Image
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from eqdiff.concept import RRA_PREFIX, load_concept, save_concept
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, config_hash
-from eqdiff.datasets import Subject
-from eqdiff.evaluation import rebuild_report, save_scores
-from eqdiff.images import file_sha256, pil_to_tensor
-from eqdiff.masks import (
+from eqdiff.data.datasets import Subject
+from eqdiff.data.images import file_sha256, pil_to_tensor
+from eqdiff.data.masks import (
     MaskCache,
     build_extractor,
     decode_mask_png,
     mask_to_tensor,
     write_subject_masks,
 )
-from eqdiff.metrics import (
+from eqdiff.data.preprocess import MANIFEST, SubjectManifest, mask_inputs, preprocess_subject
+from eqdiff.evaluation.metrics import (
     REAL_IMAGES,
     CLIPScorer,
     DINOScorer,
@@ -45,14 +44,14 @@ from eqdiff.metrics import (
     real_image_rows,
     score_images,
 )
-from eqdiff.metrics import GeneratedImage as ScoredImage
-from eqdiff.models import load_sd_components, model_identity
-from eqdiff.preprocess import MANIFEST, SubjectManifest, mask_inputs, preprocess_subject
-from eqdiff.priors import generate_class_priors, prior_hash
-from eqdiff.reference import training_extensions
-from eqdiff.sampling import ConceptGenerator, plan_requests
-from eqdiff.storage import ArtifactStore, artifact_key, join_key, store_from_config
-from eqdiff.training import (
+from eqdiff.evaluation.metrics import GeneratedImage as ScoredImage
+from eqdiff.evaluation.scores import rebuild_report, save_scores
+from eqdiff.method.concept import RRA_PREFIX, load_concept, save_concept
+from eqdiff.method.models import load_sd_components, model_identity
+from eqdiff.method.priors import generate_class_priors, prior_hash
+from eqdiff.method.reference import training_extensions
+from eqdiff.method.sampling import ConceptGenerator, plan_requests
+from eqdiff.method.training import (
     Checkpointer,
     ConceptData,
     ConceptTrainer,
@@ -60,6 +59,7 @@ from eqdiff.training import (
     train_concept,
     training_hash,
 )
+from eqdiff.store.storage import ArtifactStore, artifact_key, join_key, store_from_config
 
 logger = logging.getLogger(__name__)
 

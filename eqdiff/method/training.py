@@ -17,7 +17,7 @@ pass, UNet, losses, backward, clipping and the fused AdamW update — is capture
 graph after a few eager warm-up steps and replayed from then on: one launch per step instead of
 thousands, with the same kernels on the same data. With ``train.compile`` the UNet's and
 the text encoder's blocks (and the extensions' networks: RRA's reference UNet) run as
-``torch.compile``d regions (:mod:`eqdiff.compilation`), compiled during the first step.
+``torch.compile``d regions (:mod:`eqdiff.method.compilation`), compiled during the first step.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqdiff.attention import (
+from eqdiff.config import MethodConfig, RunConfig, config_hash, to_dict
+from eqdiff.method.attention import (
     CrossAttentionCapture,
     ProcessorHandle,
     cross_attention_sides,
@@ -42,24 +43,23 @@ from eqdiff.attention import (
     kv_parameters,
     load_kv_tensors,
 )
-from eqdiff.compilation import CompiledRegions, compile_regions, compiled_calls
-from eqdiff.config import MethodConfig, RunConfig, config_hash, to_dict
-from eqdiff.embeddings import (
+from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
+from eqdiff.method.embeddings import (
     EmbeddingHandle,
     PlaceholderEmbeddings,
     add_placeholder_token,
     install_placeholder_embeddings,
 )
-from eqdiff.frequency import BAND_ORDER, Band, frequency_band, sample_bands
-from eqdiff.losses import (
+from eqdiff.method.frequency import BAND_ORDER, Band, frequency_band, sample_bands
+from eqdiff.method.losses import (
     cross_attention_mask_loss,
+    latent_masks,
     masked_diffusion_loss,
     masked_noising,
     prior_preservation_loss,
     total_loss,
 )
-from eqdiff.masks import latent_masks
-from eqdiff.models import SDComponents, model_identity
+from eqdiff.method.models import SDComponents, model_identity
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ library modules:
   frozen self-attention plus a reference branch with trainable K/V (initialised from the
   layer's own) and a zero-initialised output projection producing the residual and a gate.
 
-:class:`RRAExtension` plugs all of it into :func:`eqdiff.training.train_concept`. RRA tensors
+:class:`RRAExtension` plugs all of it into :func:`eqdiff.method.training.train_concept`. RRA tensors
 carry the ``eqdiff_rra.`` prefix in concept files (``eqdiff_rra.<layer>.to_k.weight``, …).
 """
 
@@ -33,13 +33,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eqdiff.attention import ProcessorHandle, attention_modules
 from eqdiff.config import MethodConfig, RRABlock, RRAConfig
-from eqdiff.frequency import Band
-from eqdiff.losses import rra_attention_loss
+from eqdiff.method.attention import ProcessorHandle, attention_modules
+from eqdiff.method.frequency import Band
+from eqdiff.method.losses import rra_attention_loss
 
 if TYPE_CHECKING:
-    from eqdiff.training import ConceptData, ConceptTrainer, StepBatch
+    from eqdiff.method.training import ConceptData, ConceptTrainer, StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class BankSlot:
     """One layer's entry in a :class:`ReferenceBank`: its writer puts, its reader gets.
 
     Processors hold their layer's slot instead of looking their name up in the bank, so that
-    under ``torch.compile`` (:mod:`eqdiff.compilation`) layers of the same shape share one
+    under ``torch.compile`` (:mod:`eqdiff.method.compilation`) layers of the same shape share one
     compiled graph instead of specialising on their name.
     """
 
@@ -400,7 +400,7 @@ def augment_prior_images(images: Tensor) -> Tensor:
 
 
 class RRAExtension:
-    """RRA for :func:`eqdiff.training.train_concept` (the ``TrainingExtension`` seam).
+    """RRA for :func:`eqdiff.method.training.train_concept` (the ``TrainingExtension`` seam).
 
     Per step: each instance row's reference is another photo of the subject
     (:func:`reference_indices`), each prior row's an augmented copy of its class image
@@ -408,7 +408,7 @@ class RRAExtension:
     ``max(t - gap, 0)`` and run through the frozen reference UNet (under ``no_grad``: the bank
     is a constant for the step) with the row's own prompt states, filling the bank that the
     trained UNet's RRA processors read. With ``method.rra_loss`` the RRA attention loss
-    (``"rra"``) is the mean of :func:`eqdiff.losses.rra_attention_loss` over the layers whose
+    (``"rra"``) is the mean of :func:`eqdiff.method.losses.rra_attention_loss` over the layers whose
     query grid side is at most ``loss_resolution``, on instance rows (target: the row's mask;
     reference: its reference photo's mask).
     """
@@ -515,5 +515,5 @@ class RRAExtension:
 
 
 def training_extensions(config: RRAConfig, method: MethodConfig) -> list[RRAExtension]:
-    """The extensions ``method`` needs in :func:`~eqdiff.training.train_concept`."""
+    """The extensions ``method`` needs in :func:`~eqdiff.method.training.train_concept`."""
     return [RRAExtension(config, method)] if method.rra else []

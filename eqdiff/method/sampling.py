@@ -16,7 +16,7 @@ shape as CUDA graphs and replayed: each call is a function of its tensor inputs 
 reference pass returns its bank entries; the main pass takes them as inputs), so a replay on
 copied inputs computes what the eager call computes. Graphs live for one concept's call, as
 its weights do. With ``sample.compile`` the UNets' and the VAE decoder's blocks run as
-``torch.compile``d regions (:mod:`eqdiff.compilation`), compiled at the first batch.
+``torch.compile``d regions (:mod:`eqdiff.method.compilation`), compiled at the first batch.
 
 Seeds are derived per (subject, prompt index, k) by :func:`image_seed`, independent of the
 method, so methods are compared on identical initial noise. Noise is drawn with one CPU
@@ -51,12 +51,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from eqdiff.attention import ProcessorHandle
-from eqdiff.compilation import CompiledRegions, compile_regions, compiled_calls
-from eqdiff.concept import Concept, ConceptHandle, apply_token_and_kv
 from eqdiff.config import RRAConfig, SampleConfig, SchedulerName
-from eqdiff.models import SDComponents, load_sd_components, model_identity
-from eqdiff.reference import (
+from eqdiff.method.attention import ProcessorHandle
+from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
+from eqdiff.method.concept import Concept, ConceptHandle, apply_token_and_kv
+from eqdiff.method.models import SDComponents, load_sd_components, model_identity
+from eqdiff.method.reference import (
     RRA_PREFIX,
     ReferenceBank,
     frozen_reference_unet,

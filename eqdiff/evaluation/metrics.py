@@ -19,7 +19,7 @@ The protocol (per subject, the mean over all (generated, real) pairs, then the m
 subjects) starts here: :func:`score_images` writes one row per generated image whose ``clip_i``
 and ``dino`` are the mean over that subject's real images, so the mean of a subject's rows is the
 mean over all its pairs. :func:`real_image_rows` gives the real-images upper bound (i ≠ j).
-The tables built from these rows are in :mod:`eqdiff.report`.
+The tables built from these rows are in :mod:`eqdiff.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from eqdiff.models import model_identity
+from eqdiff.method.models import model_identity
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Scores of one (subject, method) live at ``runs/{run}/scores/{subject}/{method}/scores.parquet``
 (a stage with a completion marker); the run record at ``runs/{run}/run.json``. Rebuilding the
 report reads only these — nothing is recomputed — and writes the files of
-:func:`eqdiff.report.write_report` under ``runs/{run}/report/``.
+:func:`eqdiff.evaluation.report.write_report` under ``runs/{run}/report/``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 
 from eqdiff.config import RunConfig, config_hash, from_dict
-from eqdiff.metrics import SCORE_COLUMNS
-from eqdiff.report import FAILURE_COLUMNS, check_scores, write_report
-from eqdiff.storage import (
+from eqdiff.evaluation.metrics import SCORE_COLUMNS
+from eqdiff.evaluation.report import FAILURE_COLUMNS, check_scores, write_report
+from eqdiff.store.storage import (
     ArtifactNotFoundError,
     ArtifactStore,
     ObjectInfo,
@@ -130,7 +130,9 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
         provenance["sampling seed"] = config.sample.seed
         provenance["mask extractor"] = (f"{config.masks.extractor} (fallback "
                                         f"{config.masks.fallback})")
-        from eqdiff.training import training_hash  # heavy imports: only when a config is known
+        from eqdiff.method.training import (
+            training_hash,  # heavy imports: only when a config is known
+        )
 
         provenance["training config hash per method"] = {
             m.name: training_hash(config, m) for m in config.methods}

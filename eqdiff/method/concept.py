@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from eqdiff.attention import KV_PREFIX, WeightHandle, write_kv_weights
-from eqdiff.embeddings import TOKEN_PREFIX, write_token_row
-from eqdiff.models import model_identity
-from eqdiff.reference import RRA_PREFIX
+from eqdiff.method.attention import KV_PREFIX, WeightHandle, write_kv_weights
+from eqdiff.method.embeddings import TOKEN_PREFIX, write_token_row
+from eqdiff.method.models import model_identity
+from eqdiff.method.reference import RRA_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def apply_concept(pipeline: Any, concept: Concept, *, base_model: str) -> Concep
     if concept.tensors_with_prefix(RRA_PREFIX):
         check_base_model(concept, base_model)  # a concept for another model says so first
         raise ConceptError("this concept has residual-reference-attention tensors; generate "
-                           "with eqdiff.sampling.ConceptGenerator, which installs RRA and the "
-                           "reference pass")
+                           "with eqdiff.method.sampling.ConceptGenerator, which installs RRA "
+                           "and the reference pass")
     return apply_token_and_kv(pipeline, concept, base_model=base_model)
 
 

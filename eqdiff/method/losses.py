@@ -26,6 +26,25 @@ LOSS_TERMS: tuple[str, ...] = ("inst", "prior", "xattn", "rra")
 _MAX_EPS = 1e-12  # guards the per-sample max normalisation of attention maps
 
 
+def latent_masks(masks: torch.Tensor, latent_size: int, *, iterations: int,
+                 kernel: int) -> torch.Tensor:
+    """Pixel masks (N, 1, H, W) → dilated latent masks (N, 1, s, s) in {0, 1}, float32.
+
+    Resized with nearest-neighbour sampling to the latent grid (its size comes from the VAE,
+    never a hard-coded /8), then dilated by ``iterations`` passes of a ``kernel``×``kernel``
+    max-pool (5 × 5×5 ≈ ±10 latent pixels, as released). Runs on the input's device.
+    """
+    if masks.ndim != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be (N, 1, H, W), got {tuple(masks.shape)}")
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd number, got {kernel}")
+    grid = F.interpolate((masks.float() > 0.5).float(), size=(latent_size, latent_size),
+                         mode="nearest")
+    for _ in range(iterations):
+        grid = F.max_pool2d(grid, kernel_size=kernel, stride=1, padding=kernel // 2)
+    return grid
+
+
 class HasAlphasCumprod(Protocol):
     """A noise scheduler such as diffusers' ``DDPMScheduler``."""
 

@@ -1,7 +1,7 @@
 """Loading Stable Diffusion 1.x components from a local folder, a hub id or a single file.
 
 Every loader goes through the same ``from_pretrained`` path whether the weights are real
-(SD-1.5 from the hub cache or a folder) or the tiny offline models of :mod:`eqdiff.zoo`.
+(SD-1.5 from the hub cache or a folder) or the tiny offline models of :mod:`eqdiff.fixtures.zoo`.
 Weights are only read from safetensors: pickled checkpoints are refused.
 """
 

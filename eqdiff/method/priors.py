@@ -16,9 +16,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from eqdiff.config import SampleConfig, config_hash
-from eqdiff.models import SDComponents, model_identity
-from eqdiff.sampling import make_scheduler
-from eqdiff.training import CLASS_PROMPT
+from eqdiff.method.models import SDComponents, model_identity
+from eqdiff.method.sampling import make_scheduler
+from eqdiff.method.training import CLASS_PROMPT
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The preprocessing stage: validate a subject's photos, normalise them, write a manifest.
 
-For each subject: every image is loaded and checked (:func:`eqdiff.images.load_image`), bad ones
+For each subject: every image is loaded and checked (:func:`eqdiff.data.images.load_image`), bad
+ones
 are listed with the reason, exact duplicates (same sha256) are dropped, and the rest are
 normalised to a centred square at the training resolution and written as PNG. A subject left
 with fewer than ``min_images`` usable photos is marked failed with the reason; the other
@@ -26,8 +27,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from eqdiff.datasets import DEFAULT_MIN_IMAGES, Subject
-from eqdiff.images import (
+from eqdiff.data.datasets import DEFAULT_MIN_IMAGES, Subject
+from eqdiff.data.images import (
     DEFAULT_MAX_CROP_RATIO,
     DEFAULT_MIN_SIDE,
     ImageError,
@@ -37,7 +38,7 @@ from eqdiff.images import (
     load_image,
     normalise_image,
 )
-from eqdiff.masks import MaskInput
+from eqdiff.data.masks import MaskInput
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ the configured fallback, then the all-ones ``full`` mask. Every :class:`MaskResu
 saved mask PNG) records the extractor that made it.
 
 - ``provided``: user masks in a folder, matched by image file stem; resized if their size
-  differs, replayed through the image's :class:`~eqdiff.images.SquareFit`.
+  differs, replayed through the image's :class:`~eqdiff.data.images.SquareFit`.
 - ``alpha``: the alpha channel of transparent inputs.
 - ``grabcut`` (default, no weights): OpenCV GrabCut seeded automatically — a centred ellipse is
   probable foreground, border pixels whose colour is common along the border are certain
@@ -17,9 +17,8 @@ saved mask PNG) records the extractor that made it.
 - ``full``: all ones (ablations, last fallback).
 
 Expensive extractors are cached under ``cache/masks/{image_sha}/{extractor}-{settings_hash}.png``
-through a :class:`MaskCache` (a folder, or get/put callables over any artifact store). Training
-masks (:func:`latent_masks`) are pure torch: nearest resize to the latent size, then dilation
-by repeated max-pooling.
+through a :class:`MaskCache` (a folder, or get/put callables over any artifact store). The latent
+masks training uses are made from these by :func:`eqdiff.method.losses.latent_masks`.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from eqdiff.config import MaskConfig, config_hash
-from eqdiff.images import IMAGE_SUFFIXES, SquareFit, fit_mask
+from eqdiff.data.images import IMAGE_SUFFIXES, SquareFit, fit_mask
 
 logger = logging.getLogger(__name__)
 
@@ -617,27 +616,6 @@ def write_subject_masks(subject: str, items: Sequence[MaskInput], output_dir: st
     overlay_grid([overlays], tile=preview_tile).save(output_dir / written.preview)
     (output_dir / "masks.json").write_text(json.dumps(written.to_dict(), indent=2))
     return written
-
-
-# --------------------------------------------------------------------------- training masks
-
-def latent_masks(masks: torch.Tensor, latent_size: int, *, iterations: int,
-                 kernel: int) -> torch.Tensor:
-    """Pixel masks (N, 1, H, W) → dilated latent masks (N, 1, s, s) in {0, 1}, float32.
-
-    Resized with nearest-neighbour sampling to the latent grid (its size comes from the VAE,
-    never a hard-coded /8), then dilated by ``iterations`` passes of a ``kernel``×``kernel``
-    max-pool (5 × 5×5 ≈ ±10 latent pixels, as released). Runs on the input's device.
-    """
-    if masks.ndim != 4 or masks.shape[1] != 1:
-        raise ValueError(f"masks must be (N, 1, H, W), got {tuple(masks.shape)}")
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"kernel must be a positive odd number, got {kernel}")
-    grid = F.interpolate((masks.float() > 0.5).float(), size=(latent_size, latent_size),
-                         mode="nearest")
-    for _ in range(iterations):
-        grid = F.max_pool2d(grid, kernel_size=kernel, stride=1, padding=kernel // 2)
-    return grid
 
 
 def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
-from eqdiff.images import list_images
+from eqdiff.data.images import list_images
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The evaluation report: pandas tables in, files out.
 
-Input is the tidy score table of :mod:`eqdiff.metrics` (one row per image, columns
-:data:`~eqdiff.metrics.SCORE_COLUMNS`), the recorded failures (``subject, method, reason``) and a
+Input is the tidy score table of :mod:`eqdiff.evaluation.metrics` (one row per image, columns
+:data:`~eqdiff.evaluation.metrics.SCORE_COLUMNS`), the recorded failures (``subject, method,
+reason``) and a
 provenance mapping. The protocol's tables (EVALUATION.md) are built here:
 
 - :func:`subject_table` — per (method, subject), the mean over its images, which is the mean over
@@ -33,7 +34,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eqdiff.metrics import REAL_IMAGES, SCORE_COLUMNS
+from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def failure_table(subjects: pd.DataFrame) -> pd.DataFrame:
 
 def load_published() -> tuple[pd.DataFrame, str]:
     """The published DreamBench numbers (EVALUATION.md) and the note that must go with them."""
-    data = json.loads(resources.files("eqdiff").joinpath("data", "published_dreambench.json")
+    data = json.loads(resources.files("eqdiff.evaluation").joinpath("published_dreambench.json")
                       .read_text("utf-8"))
     table = pd.DataFrame(data["rows"]).astype({m: "float64" for m in METRICS})
     return table, data["note"]

@@ -1,0 +1,1 @@
+"""Subject photos in: images, datasets, preprocessing and masks."""

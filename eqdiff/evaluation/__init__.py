@@ -1,0 +1,1 @@
+"""Scores (CLIP-I, CLIP-T, DINO), score tables and the report."""

@@ -1,0 +1,1 @@
+"""The artifact store: keys, records and markers, a local folder or S3."""
