@@ -86,21 +86,21 @@ def direct_stages(params: Any) -> dict[str, bool]:
     from eqdiff.evaluation.metrics import CLIPScorer, DINOScorer
     from eqdiff.method.sampling import ConceptGenerator
     from eqdiff.pipeline import stages
-    from eqdiff.store.storage import store_from_config
+    from eqdiff.store import store_from_config
     from flows.customize import (
         DEFAULT_WORKDIR,
         evaluation_prompts,
-        resolve_base_model,
         resolve_dataset,
+        resolve_models,
         select_subjects,
     )
 
-    base_model, metric_models = resolve_base_model(params, DEFAULT_WORKDIR)
+    models = resolve_models(params, DEFAULT_WORKDIR)
     dataset = resolve_dataset(params, DEFAULT_WORKDIR)
     config = params.run_config(
-        base_model=base_model, resolution=64,
-        eval_models=EvalConfig(clip_model=metric_models["clip"], clip_pretrained="",
-                               dino_model=metric_models["dino"]))
+        base_model=models.base, resolution=models.resolution,
+        eval_models=EvalConfig(clip_model=models.clip, clip_pretrained="",
+                               dino_model=models.dino))
     store_from_config(config.storage).check()
     ctx = stages.RunContext(params.derived_run_id(), config)
     subjects, _ = select_subjects(dataset, params.subjects)
@@ -118,7 +118,7 @@ def direct_stages(params: Any) -> dict[str, bool]:
                 prior_prefix=priors.get(subject.class_noun)).skipped
     @functools.cache
     def generator() -> ConceptGenerator:  # loaded once, and only if something is to draw
-        return ConceptGenerator.from_pretrained(base_model, config.sample, config.rra,
+        return ConceptGenerator.from_pretrained(models.base, config.sample, config.rra,
                                                 device="cpu", local_files_only=True)
 
     @functools.cache

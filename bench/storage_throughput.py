@@ -27,7 +27,7 @@ from pathlib import Path
 
 import boto3
 
-from eqdiff.store.storage import ArtifactStore, open_store
+from eqdiff.store import ArtifactStore, open_store
 
 
 def _free_port() -> int:

@@ -45,7 +45,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-def _params(data: dict[str, Any]):  # noqa: ANN202 - CustomizeParams
+def _params(data: dict[str, Any]):  # CustomizeParams
     from pydantic import ValidationError
 
     from flows.params import CustomizeParams
@@ -56,7 +56,7 @@ def _params(data: dict[str, Any]):  # noqa: ANN202 - CustomizeParams
         raise SystemExit(f"invalid run parameters:\n{error}") from None
 
 
-def _run_flow(params, *, start_server: bool) -> dict:  # noqa: ANN001 - CustomizeParams
+def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
     # Prefect is imported only after ensure_server() has set PREFECT_API_URL: Prefect fixes its
     # settings when first imported, and prefect-ray hands those settings to the Ray workers,
     # whose events then went nowhere ("Service 'EventsWorker' failed to process item").
@@ -94,14 +94,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from eqdiff.fixtures.toyworld import TOY_RUN_OVERRIDES
+    from eqdiff.fixtures import fixture_run_overrides
 
     started = time.perf_counter()
     params = _params({"dataset": "toyworld", "base_model": "toy", "methods": DEMO_METHODS,
                       "steps": args.steps, "images_per_prompt": 2,
                       "storage_url": args.store,
                       "compute": "local" if args.local else "ray", "run_id": args.run_id,
-                      "overrides": {**TOY_RUN_OVERRIDES, "train.checkpoint_every": 100}})
+                      "overrides": {**fixture_run_overrides("toy"), "train.checkpoint_every": 100}})
     record = _run_flow(params, start_server=not args.no_server)
     code = _summarise(record)
     logger.info("demo finished in %.0f s", time.perf_counter() - started)
@@ -114,7 +114,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import webbrowser
 
     from eqdiff.evaluation.scores import rebuild_report
-    from eqdiff.store.storage import open_store
+    from eqdiff.store import open_store
 
     out = Path(args.out or Path("artifacts") / "reports" / args.run_id)
     page = rebuild_report(open_store(args.store, endpoint_url=args.endpoint_url), args.run_id,

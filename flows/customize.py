@@ -34,11 +34,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
 from eqdiff.data.datasets import Dataset, Subject, load_dataset
-from eqdiff.pipeline.stages import RunContext
-from eqdiff.store.storage import ArtifactStore, artifact_key, store_from_config
+from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
+from eqdiff.pipeline.skeleton import RunContext
+from eqdiff.store import ArtifactStore, keys, store_from_config
 from flows.compute import ComputePlan, plan_compute
 from flows.params import CustomizeParams
-from tasks import stages as t
+from tasks import stages as stage_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,10 @@ def _task_runner(plan: ComputePlan) -> Any:
 def prepare_subjects(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) -> Outcome:
     """Preprocess then mask every subject; ``done`` holds the subjects ready to train."""
     outcome = Outcome()
-    prepared = _settle({s.name: _submit(t.preprocess, plan, ctx=ctx, subject=s)
+    prepared = _settle({s.name: _submit(stage_tasks.preprocess, plan, ctx=ctx, subject=s)
                         for s in subjects}, "preprocess")
     outcome.merge(prepared)
-    masked = _settle({s.name: _submit(t.extract_masks, plan, ctx=ctx, subject=s)
+    masked = _settle({s.name: _submit(stage_tasks.extract_masks, plan, ctx=ctx, subject=s)
                       for s in subjects if s.name in prepared.done}, "masks")
     outcome.merge(masked)
     outcome.done = {k: v for k, v in outcome.done.items() if k in masked.done}
@@ -121,8 +122,8 @@ def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) 
     methods: tuple[MethodConfig, ...] = ctx.config.methods
     classes = sorted({s.class_noun for s in subjects}) if any(
         m.prior_preservation for m in methods) else []
-    priors = _settle({c: _submit(t.class_priors, plan, ctx=ctx, class_noun=c) for c in classes},
-                     "class priors")
+    priors = _settle({c: _submit(stage_tasks.class_priors, plan, ctx=ctx, class_noun=c)
+                      for c in classes}, "class priors")
     outcome = Outcome()
     futures = {}
     for subject in subjects:
@@ -132,7 +133,7 @@ def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) 
             if method.prior_preservation and prior is None:
                 outcome.failed[key] = priors.failed[subject.class_noun]
                 continue
-            futures[key] = _submit(t.train_concept, plan, ctx=ctx, subject=subject.name,
+            futures[key] = _submit(stage_tasks.train_concept, plan, ctx=ctx, subject=subject.name,
                                    class_noun=subject.class_noun, method=method,
                                    prior_prefix=prior["prefix"] if prior else None)
     outcome.merge(_settle(futures, "train"))
@@ -143,8 +144,8 @@ def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) 
 def generate_images(ctx: RunContext, pairs: list[tuple[Subject, str]],
                     prompts: dict[str, list[str]], plan: ComputePlan) -> Outcome:
     """Images for every trained (subject, method), ``images_per_prompt`` per prompt."""
-    futures = {f"{s.name}/{m}": _submit(t.generate_images, plan, ctx=ctx, subject=s, method=m,
-                                        prompts=prompts[s.name]) for s, m in pairs}
+    futures = {f"{s.name}/{m}": _submit(stage_tasks.generate_samples, plan, ctx=ctx, subject=s,
+                                        method=m, prompts=prompts[s.name]) for s, m in pairs}
     outcome = Outcome()
     outcome.merge(_settle(futures, "generate"))
     return outcome
@@ -154,7 +155,8 @@ def generate_images(ctx: RunContext, pairs: list[tuple[Subject, str]],
 def evaluate(ctx: RunContext, methods_by_subject: dict[str, tuple[Subject, list[str]]],
              plan: ComputePlan) -> Outcome:
     """CLIP-I, CLIP-T and DINO per subject (real-image features once per subject)."""
-    futures = {name: _submit(t.score_subject, plan, ctx=ctx, subject=subject, methods=methods)
+    futures = {name: _submit(stage_tasks.score_subject, plan, ctx=ctx, subject=subject,
+                             methods=methods)
                for name, (subject, methods) in methods_by_subject.items()}
     outcome = Outcome()
     outcome.merge(_settle(futures, "score"))
@@ -164,43 +166,13 @@ def evaluate(ctx: RunContext, methods_by_subject: dict[str, tuple[Subject, list[
 # --------------------------------------------------------------------------- the parent flow
 
 def resolve_dataset(params: CustomizeParams, workdir: Path) -> Dataset:
-    """The dataset folder, or a built-in one drawn into ``workdir``: ``toyworld`` (the toy
-    world's novel subjects with context and style prompts) or ``demo`` (three painted objects)."""
-    if params.dataset == "toyworld":
-        from eqdiff.fixtures.toyworld.dataset import write_toy_dataset
-
-        return load_dataset(write_toy_dataset(workdir / "toyworld-dataset"))
-    if params.dataset == "demo":
-        from eqdiff.fixtures.demo_data import write_demo_dataset
-
-        return load_dataset(write_demo_dataset(workdir / "demo-dataset"))
-    return load_dataset(params.dataset)
+    """The dataset folder, or a built-in one (``toyworld``, ``demo``) drawn into ``workdir``."""
+    return load_dataset(fixture_dataset(params.dataset, workdir) or params.dataset)
 
 
-def resolve_base_model(params: CustomizeParams, workdir: Path) -> tuple[str, dict[str, str]]:
-    """The base model and the metric models to use (none: the configured ones).
-
-    ``toy`` is the toy world's trained model with its evaluators (committed in the package);
-    ``tiny`` the offline zoo's random tiny SD with random evaluators (for tests).
-    """
-    if params.base_model == "toy":
-        from eqdiff.fixtures.toyworld import toy_models
-
-        toy = toy_models()
-        return str(toy["base"]), {"clip": str(toy["clip"]), "dino": str(toy["dino"])}
-    if params.base_model != "tiny":
-        return params.base_model, {}
-    from eqdiff.fixtures.zoo import build_zoo
-
-    zoo = build_zoo(workdir / "zoo")
-    return str(zoo["base"]), {"clip": str(zoo["clip"]), "dino": str(zoo["dino"])}
-
-
-def offline_resolution(base_model: str) -> int | None:
-    """Image size of the built-in offline models (None: the config's, for real models)."""
-    from eqdiff.fixtures.toyworld import TOY_RESOLUTION
-
-    return {"toy": TOY_RESOLUTION, "tiny": 64}.get(base_model)
+def resolve_models(params: CustomizeParams, workdir: Path) -> FixtureModels | None:
+    """The built-in offline models ``params.base_model`` names (``toy``, ``tiny``), if any."""
+    return fixture_models(params.base_model, workdir)
 
 
 def select_subjects(dataset: Dataset, wanted: Iterable[str]
@@ -222,12 +194,14 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
     log = get_run_logger()
     workdir = DEFAULT_WORKDIR
     run_id = params.derived_run_id()
-    base_model, metric_models = resolve_base_model(params, workdir)
+    offline = resolve_models(params, workdir)
+    base_model = offline.base if offline else params.base_model
+    metric_models = offline.metric_models if offline else {}
     dataset = resolve_dataset(params, workdir)
-    eval_models = (EvalConfig(clip_model=metric_models["clip"], clip_pretrained="",
-                              dino_model=metric_models["dino"]) if metric_models else None)
+    eval_models = (EvalConfig(clip_model=offline.clip, clip_pretrained="",
+                              dino_model=offline.dino) if offline else None)
     config = params.run_config(base_model=base_model, eval_models=eval_models,
-                               resolution=offline_resolution(params.base_model))
+                               resolution=offline.resolution if offline else None)
     store = store_from_config(config.storage)
     store.check()
     for problem in dataset.problems:
@@ -260,8 +234,8 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
             run.failed[f"{name}/{method}"] = reason
     run.merge(scored)
     record = run_record(run_id, params, config, dataset, run, base_model, metric_models)
-    store.put_json(artifact_key("run", run_id=run_id, name="run.json"), record)
-    report = t.build_report(ctx) if run.done else None
+    store.put_json(keys.run_record(run_id), record)
+    report = stage_tasks.build_report(ctx) if run.done else None
     publish_artifacts(store, run_id, record, report)
     log.info("run %s finished: %d done, %d failed%s", run_id,
              sum(v == "done" for v in record["status"].values()), len(run.failed),

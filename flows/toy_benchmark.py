@@ -18,9 +18,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from eqdiff.evaluation.scores import load_run_scores
-from eqdiff.fixtures.toyworld import TOY_RUN_OVERRIDES
+from eqdiff.fixtures import fixture_run_overrides
 from eqdiff.fixtures.toyworld.benchmark import markdown_table, plot_summary, summarise
-from eqdiff.store.storage import open_store
+from eqdiff.store import open_store
 from flows.customize import customize_dataset
 from flows.params import CustomizeParams, MethodName
 
@@ -46,7 +46,7 @@ class ToyBenchmarkParams(BaseModel):
     overrides: dict[str, object] = Field(default_factory=dict)
 
     def run_params(self, seed: int) -> CustomizeParams:
-        overrides = {**TOY_RUN_OVERRIDES, "train.seed": seed, "sample.seed": seed,
+        overrides = {**fixture_run_overrides("toy"), "train.seed": seed, "sample.seed": seed,
                      "masks.extractor": "provided", **self.overrides}
         return CustomizeParams(dataset="toyworld", base_model="toy", methods=self.methods,
                                steps=self.steps, images_per_prompt=self.images_per_prompt,

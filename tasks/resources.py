@@ -118,7 +118,7 @@ def task_device() -> Iterator[str]:
         release_cached_memory()
 
 
-def _dtype(device: str):  # noqa: ANN202 - torch dtype
+def _dtype(device: str):  # torch dtype
     import torch
 
     return torch.bfloat16 if device == "cuda" else None
@@ -126,7 +126,7 @@ def _dtype(device: str):  # noqa: ANN202 - torch dtype
 
 @lru_cache(maxsize=1)
 def _generator(base_model: str, sample: SampleConfig, rra: RRAConfig, device: str,
-               local_files_only: bool):  # noqa: ANN202 - ConceptGenerator
+               local_files_only: bool):  # ConceptGenerator
     from eqdiff.method.sampling import ConceptGenerator
 
     return ConceptGenerator.from_pretrained(base_model, sample, rra, device=device,
@@ -135,7 +135,7 @@ def _generator(base_model: str, sample: SampleConfig, rra: RRAConfig, device: st
 
 
 def concept_generator(base_model: str, sample: SampleConfig, rra: RRAConfig, *,
-                      local_files_only: bool):  # noqa: ANN201 - ConceptGenerator
+                      local_files_only: bool):  # ConceptGenerator
     """This process's generator for the base model (loaded on first use; a different model
     replaces the cached one)."""
     return _generator(base_model, sample, rra, device_for_task(), local_files_only)
@@ -143,14 +143,14 @@ def concept_generator(base_model: str, sample: SampleConfig, rra: RRAConfig, *,
 
 @lru_cache(maxsize=1)
 def _scorers(clip_model: str, clip_pretrained: str, dino_model: str, device: str,
-             batch_size: int):  # noqa: ANN202 - (CLIPScorer, DINOScorer)
+             batch_size: int):  # (CLIPScorer, DINOScorer)
     from eqdiff.evaluation.metrics import CLIPScorer, DINOScorer
 
     return (CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=batch_size),
             DINOScorer(dino_model, device=device, batch_size=batch_size))
 
 
-def scorers(config: EvalConfig):  # noqa: ANN201 - (CLIPScorer, DINOScorer)
+def scorers(config: EvalConfig):  # (CLIPScorer, DINOScorer)
     """This process's CLIP and DINO scorers (loaded on first use)."""
     return _scorers(config.clip_model, config.clip_pretrained, config.dino_model,
                     device_for_task(), config.batch_size)

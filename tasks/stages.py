@@ -20,7 +20,7 @@ from eqdiff.config import MethodConfig
 from eqdiff.data.datasets import Subject
 from eqdiff.method.training import ProgressBar
 from eqdiff.pipeline import stages
-from eqdiff.store.storage import StorageUnavailableError
+from eqdiff.store import StorageUnavailableError
 from tasks.progress import PrefectProgress
 from tasks.resources import concept_generator, scorers, task_device
 
@@ -38,13 +38,13 @@ def _lost_worker(error: BaseException) -> bool:
     return isinstance(error, WorkerCrashedError | NodeDiedError)
 
 
-def transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
+def transient_only(task, task_run, state) -> bool:  # Prefect's hook signature
     """Retry condition: only storage/network errors and lost Ray workers are retried."""
     try:
         state.result()
     except TRANSIENT_ERRORS:
         return True
-    except Exception as error:  # noqa: BLE001 - classifying, not handling
+    except Exception as error:  # classifying, not handling
         return _lost_worker(error)
     return False
 
@@ -89,12 +89,12 @@ def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method:
                                     callbacks=callbacks))
 
 
-@task(name="generate-images", **COMMON)
-def generate_images(ctx: stages.RunContext, subject: Subject, method: str,
+@task(name="generate-samples", **COMMON)
+def generate_samples(ctx: stages.RunContext, subject: Subject, method: str,
                     prompts: list[str]) -> dict:
     progress = PrefectProgress(f"generating {subject.name}/{method}")
 
-    def generator():  # noqa: ANN202 - ConceptGenerator, loaded only when needed
+    def generator():  # ConceptGenerator, loaded only when needed
         return concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
                                  local_files_only=ctx.config.model.local_files_only)
 

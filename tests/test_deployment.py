@@ -151,3 +151,21 @@ def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
     params = _params(load_run_file(path))
     config = params.run_config(base_model=params.base_model)
     assert len(config.methods) == 6 and config.train.learning_rate == 4.0e-5
+
+
+def test_toy_deployments_train_with_the_toy_models_settings() -> None:
+    """deployments/prefect.yaml cannot import Python: its copy of the toy model's run settings
+    must match the one place they are defined (eqdiff.fixtures)."""
+    import yaml
+
+    from eqdiff.fixtures import fixture_run_overrides
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml")
+                          .read_text())
+    toy = [d["parameters"]["params"] for d in spec["deployments"]
+           if d.get("parameters", {}).get("params", {}).get("base_model") == "toy"]
+    assert toy, "no deployment runs the toy model"
+    for params in toy:
+        overrides = dict(params["overrides"])
+        overrides.pop("train.checkpoint_every", None)
+        assert overrides == fixture_run_overrides("toy")

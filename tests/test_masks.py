@@ -1,4 +1,5 @@
-"""Mask extractors, fallbacks, caching, coverage warnings, latent masks and previews."""
+"""eqdiff.data.masks by module: codec, extractors, learned, cache, chain (factory,
+fallbacks, coverage warnings, the subject stage) and the package's re-exports."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from eqdiff.config import MaskConfig
 from eqdiff.data.images import fit_mask, plan_square_fit
 from eqdiff.data.masks import (
     AlphaMask,
+    CachedMask,
     ClipSegMask,
     FullMask,
     GrabCutMask,
@@ -25,12 +27,13 @@ from eqdiff.data.masks import (
     MaskInput,
     MaskUnavailable,
     ProvidedMasks,
+    binarise,
     build_extractor,
     decode_mask_png,
+    encode_mask_png,
     extract_mask,
     fill_holes,
     keep_largest_components,
-    mask_cache_key,
     mask_iou,
     settings_hash,
     write_subject_masks,
@@ -52,7 +55,47 @@ def _synthetic(count_per_subject: int, size: int, seed: int = 100) -> list[tuple
     return cases
 
 
-# --------------------------------------------------------------------------- grabcut
+def _square_case(size: int = 48) -> tuple[Image.Image, np.ndarray]:
+    truth = np.zeros((size, size), dtype=bool)
+    truth[10:30, 14:40] = True
+    image = Image.fromarray(np.where(truth[..., None], 200, 40).astype(np.uint8).repeat(3, 2))
+    return image, truth
+
+
+@dataclass(eq=False)
+class CountingExtractor:
+    """A test extractor returning a fixed mask and counting its calls."""
+
+    fill: float  # fraction of rows set
+    name: str = "counting"
+    cacheable: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    def settings(self) -> dict[str, Any]:
+        return {"fill": self.fill}
+
+    def extract(self, item: MaskInput) -> np.ndarray:
+        self.calls.append(item.name)
+        width, height = item.image.size
+        mask = np.zeros((height, width), dtype=bool)
+        mask[: round(self.fill * height)] = True
+        return mask
+
+
+# --------------------------------------------------------------------------- codec
+
+def test_mask_png_round_trip_keeps_pixels_and_metadata() -> None:
+    _, truth = _square_case()
+    data = encode_mask_png(truth, {"extractor": "x", "settings": {"a": 1}})
+    mask, metadata = decode_mask_png(data)
+    np.testing.assert_array_equal(mask, truth)
+    assert metadata == {"extractor": "x", "settings": {"a": 1}}
+    assert decode_mask_png(encode_mask_png(truth))[1] == {}
+    np.testing.assert_array_equal(binarise(truth.astype(np.uint8)), truth)  # 0/1
+    np.testing.assert_array_equal(binarise(truth.astype(np.uint8) * 200), truth)  # 8-bit
+
+
+# --------------------------------------------------------------------------- extractors: grabcut
 
 def test_grabcut_recovers_drawn_objects() -> None:
     """GrabCut on 12 drawn objects (128 px) against their ground truth.
@@ -85,14 +128,7 @@ def test_grabcut_post_processing() -> None:
     np.testing.assert_array_equal(cleaned, expected)
 
 
-# --------------------------------------------------------------------------- simple extractors
-
-def _square_case(size: int = 48) -> tuple[Image.Image, np.ndarray]:
-    truth = np.zeros((size, size), dtype=bool)
-    truth[10:30, 14:40] = True
-    image = Image.fromarray(np.where(truth[..., None], 200, 40).astype(np.uint8).repeat(3, 2))
-    return image, truth
-
+# --------------------------------------------------------------------------- provided, alpha
 
 def test_provided_masks_are_exact_and_replay_the_fit(tmp_path: Path) -> None:
     image, truth = _square_case()
@@ -130,97 +166,7 @@ def test_alpha_mask_is_exact_and_opaque_alpha_is_unavailable() -> None:
         AlphaMask().extract(MaskInput(image, "s", "a", alpha=Image.new("L", (48, 48), 255)))
 
 
-def test_missing_masks_fall_back_and_record_who_made_them(tmp_path: Path) -> None:
-    image, truth = _square_case()
-    folder = tmp_path / "masks"
-    folder.mkdir()
-    Image.fromarray(truth.astype(np.uint8) * 255).save(folder / "00.png")
-    provided = ProvidedMasks(folder)
-    alpha = Image.fromarray(np.where(truth, 255, 0).astype(np.uint8))
-    found = extract_mask(MaskInput(image, "s", "00"), provided, fallback=AlphaMask())
-    assert found.extractor == "provided" and found.requested == "provided"
-    fell_back = extract_mask(MaskInput(image, "s", "07", alpha=alpha), provided,
-                             fallback=AlphaMask())
-    assert fell_back.extractor == "alpha"
-    assert any("provided unavailable" in w for w in fell_back.warnings)
-    np.testing.assert_array_equal(fell_back.mask, truth)
-    last = extract_mask(MaskInput(image, "s", "07"), provided, fallback=AlphaMask())
-    assert last.extractor == "full" and last.mask.all()
-
-
-# --------------------------------------------------------------------------- warnings, cache
-
-@dataclass(eq=False)
-class CountingExtractor:
-    """A test extractor returning a fixed mask and counting its calls."""
-
-    fill: float  # fraction of rows set
-    name: str = "counting"
-    cacheable: bool = True
-    calls: list[str] = field(default_factory=list)
-
-    def settings(self) -> dict[str, Any]:
-        return {"fill": self.fill}
-
-    def extract(self, item: MaskInput) -> np.ndarray:
-        self.calls.append(item.name)
-        width, height = item.image.size
-        mask = np.zeros((height, width), dtype=bool)
-        mask[: round(self.fill * height)] = True
-        return mask
-
-
-@pytest.mark.parametrize("fill,words", [(0.0, "empty"), (1.0, "background too")])
-def test_empty_and_full_masks_warn(fill: float, words: str,
-                                   caplog: pytest.LogCaptureFixture) -> None:
-    image, _ = _square_case()
-    with caplog.at_level(logging.WARNING, logger="eqdiff.data.masks"):
-        result = extract_mask(MaskInput(image, "s", "00"), CountingExtractor(fill))
-    assert result.extractor == "counting"
-    assert any(words in w for w in result.warnings)
-    assert any(words in r.getMessage() for r in caplog.records)
-
-
-def test_reasonable_masks_and_the_full_extractor_do_not_warn() -> None:
-    image, _ = _square_case()
-    assert extract_mask(MaskInput(image, "s", "00"), CountingExtractor(0.5)).warnings == ()
-    assert extract_mask(MaskInput(image, "s", "00"), FullMask()).warnings == ()
-
-
-def test_cache_hit_on_rerun(tmp_path: Path) -> None:
-    image, _ = _square_case()
-    item = MaskInput(image, "abc123", "00")
-    cache = MaskCache.in_folder(tmp_path)
-    extractor = CountingExtractor(0.5)
-    first = extract_mask(item, extractor, cache=cache)
-    second = extract_mask(item, extractor, cache=cache)
-    assert (first.cache_hit, second.cache_hit) == (False, True)
-    assert extractor.calls == ["00"]
-    np.testing.assert_array_equal(first.mask, second.mask)
-    key = mask_cache_key("abc123", "counting", settings_hash(extractor))
-    assert key.startswith("cache/masks/abc123/counting-") and key.endswith(".png")
-    mask, metadata = decode_mask_png((tmp_path / key).read_bytes())
-    assert metadata == {"extractor": "counting", "settings": {"fill": 0.5}}
-    changed = CountingExtractor(0.25)  # other settings: another key, a miss
-    assert extract_mask(item, changed, cache=cache).cache_hit is False
-    other_image = extract_mask(MaskInput(image, "def456", "00"), extractor, cache=cache)
-    assert other_image.cache_hit is False and extractor.calls == ["00", "00"]
-
-
-def test_cache_through_get_put_callables_and_grabcut() -> None:
-    store: dict[str, bytes] = {}
-    cache = MaskCache(get=store.get, put=store.__setitem__)
-    item, _ = _synthetic(1, 64)[0]
-    first = extract_mask(item, GrabCutMask(), cache=cache)
-    assert list(store) == [mask_cache_key(item.sha256, "grabcut", settings_hash(GrabCutMask()))]
-    second = extract_mask(item, GrabCutMask(), cache=cache)
-    assert second.cache_hit and not first.cache_hit
-    np.testing.assert_array_equal(first.mask, second.mask)
-    extract_mask(item, ProvidedMasks(Path("/nonexistent")), cache=cache)  # cheap: not cached
-    assert len(store) == 1
-
-
-# --------------------------------------------------------------------------- model extractors
+# --------------------------------------------------------------------------- learned
 
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "ball", "box", "toy",
               "object"]
@@ -353,6 +299,42 @@ def test_model_extractors_need_a_model() -> None:
                         local_files_only=True).extract(item)
 
 
+# --------------------------------------------------------------------------- cache
+
+def test_cache_hit_on_rerun(tmp_path: Path) -> None:
+    image, _ = _square_case()
+    item = MaskInput(image, "abc123", "00")
+    cache = MaskCache.in_folder(tmp_path)
+    extractor = CountingExtractor(0.5)
+    first = extract_mask(item, extractor, cache=cache)
+    second = extract_mask(item, extractor, cache=cache)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert extractor.calls == ["00"]
+    np.testing.assert_array_equal(first.mask, second.mask)
+    name = CachedMask("abc123", "counting", settings_hash(extractor))
+    mask, metadata = decode_mask_png((tmp_path / "abc123" / name.file_name).read_bytes())
+    assert metadata == {"extractor": "counting", "settings": {"fill": 0.5}}
+    changed = CountingExtractor(0.25)  # other settings: another key, a miss
+    assert extract_mask(item, changed, cache=cache).cache_hit is False
+    other_image = extract_mask(MaskInput(image, "def456", "00"), extractor, cache=cache)
+    assert other_image.cache_hit is False and extractor.calls == ["00", "00"]
+
+
+def test_cache_through_get_put_callables_and_grabcut() -> None:
+    store: dict[CachedMask, bytes] = {}
+    cache = MaskCache(get=store.get, put=store.__setitem__)
+    item, _ = _synthetic(1, 64)[0]
+    first = extract_mask(item, GrabCutMask(), cache=cache)
+    assert list(store) == [CachedMask(item.sha256, "grabcut", settings_hash(GrabCutMask()))]
+    second = extract_mask(item, GrabCutMask(), cache=cache)
+    assert second.cache_hit and not first.cache_hit
+    np.testing.assert_array_equal(first.mask, second.mask)
+    extract_mask(item, ProvidedMasks(Path("/nonexistent")), cache=cache)  # cheap: not cached
+    assert len(store) == 1
+
+
+# --------------------------------------------------------------------------- chain
+
 def test_build_extractor_names() -> None:
     config = MaskConfig()
     assert build_extractor("grabcut", config).name == "grabcut"
@@ -365,7 +347,40 @@ def test_build_extractor_names() -> None:
         build_extractor("magic", config)
 
 
-# --------------------------------------------------------------------------- subject stage
+def test_missing_masks_fall_back_and_record_who_made_them(tmp_path: Path) -> None:
+    image, truth = _square_case()
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    Image.fromarray(truth.astype(np.uint8) * 255).save(folder / "00.png")
+    provided = ProvidedMasks(folder)
+    alpha = Image.fromarray(np.where(truth, 255, 0).astype(np.uint8))
+    found = extract_mask(MaskInput(image, "s", "00"), provided, fallback=AlphaMask())
+    assert found.extractor == "provided" and found.requested == "provided"
+    fell_back = extract_mask(MaskInput(image, "s", "07", alpha=alpha), provided,
+                             fallback=AlphaMask())
+    assert fell_back.extractor == "alpha"
+    assert any("provided unavailable" in w for w in fell_back.warnings)
+    np.testing.assert_array_equal(fell_back.mask, truth)
+    last = extract_mask(MaskInput(image, "s", "07"), provided, fallback=AlphaMask())
+    assert last.extractor == "full" and last.mask.all()
+
+
+@pytest.mark.parametrize("fill,words", [(0.0, "empty"), (1.0, "background too")])
+def test_empty_and_full_masks_warn(fill: float, words: str,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    image, _ = _square_case()
+    with caplog.at_level(logging.WARNING, logger="eqdiff.data.masks.chain"):
+        result = extract_mask(MaskInput(image, "s", "00"), CountingExtractor(fill))
+    assert result.extractor == "counting"
+    assert any(words in w for w in result.warnings)
+    assert any(words in r.getMessage() for r in caplog.records)
+
+
+def test_reasonable_masks_and_the_full_extractor_do_not_warn() -> None:
+    image, _ = _square_case()
+    assert extract_mask(MaskInput(image, "s", "00"), CountingExtractor(0.5)).warnings == ()
+    assert extract_mask(MaskInput(image, "s", "00"), FullMask()).warnings == ()
+
 
 def test_write_subject_masks_records_extractors_and_preview(tmp_path: Path) -> None:
     cases = _synthetic(1, 64)
@@ -382,3 +397,15 @@ def test_write_subject_masks_records_extractors_and_preview(tmp_path: Path) -> N
     assert metadata["extractor"] == "alpha"
     preview = Image.open(tmp_path / "out" / "preview.png")
     assert preview.size == (128, 64)
+
+
+# --------------------------------------------------------------------------- package
+
+def test_the_package_re_exports_every_public_name() -> None:
+    import eqdiff.data.masks as package
+    from eqdiff.data.masks import chain, extractors
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert chain.logger.name == "eqdiff.data.masks.chain"  # warnings propagate to the package
+    assert extractors.logger.name == "eqdiff.data.masks.extractors"

@@ -19,13 +19,14 @@ from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
 from eqdiff.evaluation.report import (
     SECTION_IDS,
     class_table,
+    load_published,
     method_table,
     prompt_table,
     subject_table,
     write_report,
 )
 from eqdiff.evaluation.scores import load_run_scores, rebuild_report, save_scores
-from eqdiff.store.storage import open_store
+from eqdiff.store import open_store
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -203,6 +204,36 @@ def test_missing_images_show_as_cells_not_errors(tmp_path: Path) -> None:
     write_report(table, tmp_path, load_image=images.__getitem__)
     html_text = (tmp_path / "report.html").read_text("utf-8")
     assert f'title="{missing}">image missing' in html_text
+
+
+def test_names_prompts_and_reasons_are_html_escaped(tmp_path: Path) -> None:
+    table = _hand_table()
+    table.loc[table["subject"] == "a", "subject"] = "<b>a&amp;</b>"
+    generated = table["method"] != REAL_IMAGES
+    table.loc[generated, "prompt"] = table.loc[generated, "prompt"] + ' <script>x("y")</script>'
+    failures = pd.DataFrame([{"subject": "<i>c</i>", "method": "m",
+                              "reason": '<img src=x onerror="alert(1)">'}])
+    images, _ = _image_loader(table)
+    write_report(table, tmp_path, failures=failures, provenance={"<k>": "<v>"},
+                 load_image=images.__getitem__)
+    page = (tmp_path / "report.html").read_text("utf-8")
+    for raw in ("<script", "<b>a", "<i>c", "<img src=x", "<k>", "<v>"):
+        assert raw not in page
+    parser = _Sections()
+    parser.feed(page)
+    assert not parser.external and all(src.startswith("data:image/") for src in parser.images)
+    assert "<b>a&amp;</b>" in parser.section("subjects")  # shown as text, exactly
+    assert '<img src=x onerror="alert(1)">' in parser.section("failures")
+    assert '<script>x("y")</script>' in parser.section("grids")
+    assert "<i>c</i>" in parser.section("grids") and "<k>" in parser.section("provenance")
+    assert 'title="&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"' in page  # tooltips too
+
+
+def test_published_numbers_ship_with_the_package() -> None:
+    published, note = load_published()
+    assert {"method", "dino", "clip_i", "clip_t", "source"} <= set(published.columns)
+    assert "not comparable" in note.lower() and len(published) > 1
+    assert published["clip_t"].isna().sum() == 1  # only the real-images row lacks CLIP-T
 
 
 # --------------------------------------------------------------------------- store and CLI

@@ -17,25 +17,27 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from moto.server import ThreadedMotoServer
 
 from eqdiff.config import StorageConfig
-from eqdiff.store.storage import (
-    MARKER_NAME,
+from eqdiff.store import (
     ArtifactNotFoundError,
     ArtifactStore,
     BucketNotFoundError,
     ChecksumMismatchError,
     InvalidKeyError,
     LocalStore,
-    S3Store,
     StorageAccessError,
     StorageConfigError,
     StorageUnavailableError,
-    artifact_key,
     open_store,
-    safe_segment,
     store_from_config,
+)
+from eqdiff.store.keys import (
+    MARKER_NAME,
+    artifact_key,
+    safe_segment,
     unescape_segment,
     validate_key,
 )
+from eqdiff.store.s3 import S3Store
 
 StoreFactory = Callable[[], ArtifactStore]
 
@@ -477,3 +479,28 @@ def test_open_store_dispatch(tmp_path: Path, s3_endpoint: str) -> None:
         open_store("s3:///prefix-only")
     with pytest.raises(InvalidKeyError):
         open_store("s3://bucket/../up")
+
+
+def test_the_pipeline_keys_keep_the_documented_layout() -> None:
+    """Every prefix the stages use comes from eqdiff.store.keys; the layout is the one existing
+    stores hold, so a store written before keeps being read (and skipped) after."""
+    from eqdiff.store import keys
+
+    sha = "ab" * 32
+    run = "runs/r1"
+    assert keys.run_record("r1") == f"{run}/run.json"
+    assert keys.preprocess_prefix("r1", "red toy") == f"{run}/subjects/red%20toy/preprocess"
+    assert keys.masks_prefix("r1", "dog") == f"{run}/subjects/dog/masks"
+    assert keys.checkpoint_key("r1", "dog", "eqdiff") == f"{run}/checkpoints/dog/eqdiff/last.pt"
+    assert keys.concept_prefix("r1", "dog", "eqdiff") == f"{run}/concepts/dog/eqdiff"
+    assert keys.samples_prefix("r1", "dog", "eqdiff") == f"{run}/samples/dog/eqdiff"
+    assert keys.scores_key("r1", "dog", "eqdiff") == f"{run}/scores/dog/eqdiff/scores.parquet"
+    assert keys.scores_root("r1") == f"{run}/scores"
+    assert keys.report_prefix("r1") == f"{run}/report"
+    assert keys.prior_prefix("dog", "0123abcd") == "cache/priors/dog/0123abcd"
+    assert keys.mask_cache_key(sha, "grounded-sam", "0123abcd") == (
+        f"cache/masks/{sha}/grounded-sam-0123abcd.png")
+    assert keys.features_key("0123456789abcdef", sha) == (
+        f"cache/features/0123456789abcdef/{sha}.safetensors")
+    with pytest.raises(InvalidKeyError):
+        keys.concept_prefix("r1", "../etc", "eqdiff")

@@ -22,18 +22,11 @@ import pandas as pd
 from eqdiff.config import RunConfig, config_hash, from_dict
 from eqdiff.evaluation.metrics import SCORE_COLUMNS
 from eqdiff.evaluation.report import FAILURE_COLUMNS, check_scores, write_report
-from eqdiff.store.storage import (
-    ArtifactNotFoundError,
-    ArtifactStore,
-    ObjectInfo,
-    artifact_key,
-    unescape_segment,
-)
+from eqdiff.store import ArtifactNotFoundError, ArtifactStore, ObjectInfo, keys
+from eqdiff.store.keys import RUN_RECORD, SCORES_FILE, unescape_segment
 
 logger = logging.getLogger(__name__)
 
-SCORES_NAME = "scores.parquet"
-RUN_RECORD = "run.json"
 VERSIONED_PACKAGES = ("eqdiff", "torch", "torchvision", "diffusers", "transformers",
                       "open_clip_torch", "pandas", "numpy", "pillow")
 
@@ -43,15 +36,15 @@ def save_scores(store: ArtifactStore, scores: pd.DataFrame, *, run_id: str, subj
     """Store one (subject, method)'s score rows as a finished stage."""
     buffer = io.BytesIO()
     check_scores(scores).to_parquet(buffer, index=False)
-    prefix = artifact_key("scores", run_id=run_id, subject=subject, method=method)
+    prefix = keys.scores_prefix(run_id, subject, method)
     with store.stage(prefix, config_hash, info={"rows": len(scores)}) as stage:
-        return stage.put_bytes(SCORES_NAME, buffer.getvalue())
+        return stage.put_bytes(SCORES_FILE, buffer.getvalue())
 
 
 def read_run_record(store: ArtifactStore, run_id: str) -> dict[str, Any]:
     """``run.json`` of the run, or ``{}`` when it was never written (logged)."""
     try:
-        return store.get_json(artifact_key("run", run_id=run_id, name=RUN_RECORD))
+        return store.get_json(keys.run_record(run_id))
     except ArtifactNotFoundError:
         logger.warning("%s: run %s has no %s; provenance will be thin", store.url, run_id,
                        RUN_RECORD)
@@ -67,15 +60,14 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
     without a completion marker (never read).
     """
     run = dict(run if run is not None else read_run_record(store, run_id))
-    root = artifact_key("run", run_id=run_id) + "/scores/"
+    root = keys.scores_root(run_id) + "/"
     tables, failures, scored = [], [], set()
     for key in store.list_keys(root):
         parts = key.removeprefix(root).split("/")
-        if len(parts) != 3 or parts[2] != SCORES_NAME:
+        if len(parts) != 3 or parts[2] != SCORES_FILE:
             continue
         subject, method = unescape_segment(parts[0]), unescape_segment(parts[1])
-        prefix = artifact_key("scores", run_id=run_id, subject=subject, method=method)
-        record = store.read_marker(prefix)
+        record = store.read_marker(keys.scores_prefix(run_id, subject, method))
         if record is None:
             failures.append((subject, method, "scores incomplete: no completion marker"))
             continue
@@ -160,7 +152,7 @@ def rebuild_report(store: ArtifactStore, run_id: str, out: str | Path, *,
                          thumb_px=thumb_px)
     inputs = hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
                             + failures.to_csv(index=False).encode()).hexdigest()[:16]
-    with store.stage(artifact_key("report", run_id=run_id), inputs) as stage:
+    with store.stage(keys.report_prefix(run_id), inputs) as stage:
         for path in files:
             stage.put_file(path.relative_to(out).as_posix(), path)
     return out / "report.html"

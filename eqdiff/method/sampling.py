@@ -429,7 +429,7 @@ class ConceptGenerator:
         if call is None:
             try:
                 call = self._graphs[key] = CapturedCall(bound, inputs)
-            except Exception as err:  # noqa: BLE001 — any capture failure: continue eagerly
+            except Exception as err:  # any capture failure: continue eagerly
                 if self.graph_mode == "on":
                     raise
                 self.graph_mode = "off"
