@@ -1,4 +1,4 @@
-"""Run configuration: frozen dataclasses for every concern of METHOD.md.
+"""Run configuration: frozen dataclasses for every concern of docs/method.md.
 
 Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the bad
 field and value. ``to_dict``/``from_dict`` round-trip through JSON (unknown keys are errors),
@@ -56,7 +56,7 @@ def _check_literal(name: str, value: Any, allowed: Any) -> None:
 
 @dataclass(frozen=True)
 class FrequencyConfig:
-    """Frequency decomposition of concept images (METHOD.md §2).
+    """Frequency decomposition of concept images (docs/method.md §2).
 
     Cutoffs are fractions of the half-spectrum (1.0 = Nyquist), so they scale with resolution:
     the released 50 and 5 bins at 512 px are 50/256 and 5/256.
@@ -91,7 +91,7 @@ class FrequencyConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Subject masks for the mask-guided diffusion process (METHOD.md §4)."""
+    """Subject masks for the mask-guided diffusion process (docs/method.md §4)."""
 
     extractor: MaskExtractorName = "grabcut"
     fallback: MaskExtractorName = "full"
@@ -113,7 +113,7 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class RRAConfig:
-    """Residual reference attention (METHOD.md §5)."""
+    """Residual reference attention (docs/method.md §5)."""
 
     blocks: tuple[RRABlock, ...] = ("mid", "up")
     timestep_gap: int = 2
@@ -132,7 +132,8 @@ class RRAConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (METHOD.md §4, §6): L = L_inst + prior·L_prior + xattn·L_xattn + rra·L_rra."""
+    """Loss weights (docs/method.md §4, §6):
+    L = L_inst + prior·L_prior + xattn·L_xattn + rra·L_rra."""
 
     prior_weight: float = 1.0
     xattn_weight: float = 0.1
@@ -191,7 +192,7 @@ def method_preset(name: str) -> MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Customization training (METHOD.md §7)."""
+    """Customization training (docs/method.md §7)."""
 
     steps: int = 600
     instance_batch: int = 2
@@ -254,7 +255,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Generation for evaluation (METHOD.md §7: DDIM 50, eta 0, CFG 7.5, negative prompt "")."""
+    """Generation for evaluation (docs/method.md §7: DDIM 50, eta 0, CFG 7.5, negative prompt
+    "")."""
 
     scheduler: SchedulerName = "ddim"
     steps: int = 50
@@ -290,7 +292,7 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation models (EVALUATION.md). Each is a local path or a hub id."""
+    """Evaluation models (docs/evaluation.md). Each is a local path or a hub id."""
 
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"  # open_clip tag, or a local weights file / folder

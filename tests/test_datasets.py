@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eqdiff.data.datasets import (
-    LIVE_PROMPTS,
-    OBJECT_PROMPTS,
-    PromptSet,
-    Subject,
-    builtin_prompt_sets,
-    load_dataset,
-    parse_dreambench_prompts,
-    validate_subject_name,
-)
+from eqdiff.data.datasets import Subject, load_dataset
+from eqdiff.data.dreambench import parse_dreambench_prompts
+from eqdiff.data.names import validate_subject_name
+from eqdiff.data.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, PromptSet, builtin_prompt_sets
 from eqdiff.fixtures.demo_data import write_demo_dataset
 
 # The class table of DreamBench's prompts_and_classes.txt (30 subjects, file order).

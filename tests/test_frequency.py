@@ -1,4 +1,4 @@
-"""Properties of the frequency decomposition and band sampling (METHOD.md §2)."""
+"""Properties of the frequency decomposition and band sampling (docs/method.md §2)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Properties of mask-guided noising and the training losses (METHOD.md §4, §6)."""
+"""Properties of mask-guided noising and the training losses (docs/method.md §4, §6)."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ Two layouts are read, and :func:`load_dataset` tells them apart:
 - **DreamBench**: ``prompts_and_classes.txt`` next to one folder per subject (or inside a
   ``dataset/`` sub-folder). The file is a ``subject_name,class`` table followed by two
   Python-like lists of prompt templates (objects, then live subjects); see
-  :func:`parse_dreambench_prompts`. It is parsed, never evaluated.
+  :mod:`eqdiff.data.dreambench`. It is parsed, never evaluated.
 - **plain**: one folder per subject plus ``subjects.csv`` (columns ``subject,class[,kind]
   [,prompt_set]``) or ``subjects.yaml`` (a ``subjects:`` list of mappings with the same keys and
   optional inline ``prompt_sets:``). Extra prompt sets may be given as ``prompts/<name>.txt``
@@ -19,67 +19,41 @@ file raises ``ValueError`` naming the file and line. Masks supplied by the user 
 
 from __future__ import annotations
 
-import ast
 import csv
-import json
 import logging
-import re
-import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from eqdiff.data.dreambench import DREAMBENCH_INDEX, parse_dreambench_prompts
 from eqdiff.data.images import list_images
+from eqdiff.data.names import (
+    SUBJECT_KINDS,
+    SubjectKind,
+    check_class_noun,
+    kind_for_class,
+    validate_subject_name,
+)
+from eqdiff.data.prompts import (
+    LIVE_PROMPTS,
+    OBJECT_PROMPTS,
+    PromptSet,
+    builtin_prompt_sets,
+    check_template,
+)
 
 logger = logging.getLogger(__name__)
 
-SubjectKind = Literal["object", "live"]
-SUBJECT_KINDS: tuple[str, ...] = ("object", "live")
-LIVE_CLASSES = frozenset({"cat", "dog"})
 DEFAULT_MIN_IMAGES = 3
 MASKS_FOLDER = "masks"
 PROMPTS_FOLDER = "prompts"
-DREAMBENCH_INDEX = "prompts_and_classes.txt"
 PLAIN_INDEXES = ("subjects.csv", "subjects.yaml", "subjects.yml")
-OBJECT_PROMPTS = "dreambench-object"
-LIVE_PROMPTS = "dreambench-live"
-STYLE_PROMPTS = "style"
-TEMPLATE_FIELDS = frozenset({"token", "class_noun"})
-_SUBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 ProblemKind = Literal["missing_folder", "unlisted_folder", "too_few_images", "no_images"]
 Layout = Literal["dreambench", "plain"]
-
-
-def validate_subject_name(name: str) -> str:
-    """Return ``name`` if it is a safe subject name, else raise ``ValueError``.
-
-    Allowed: 1–128 characters from letters, digits, ``.``, ``_`` and ``-``, starting with a letter
-    or digit — so no path separators, no ``..``, no hidden names; safe as a folder name and as a
-    storage-key component.
-    """
-    if not isinstance(name, str) or not _SUBJECT_NAME.fullmatch(name):
-        raise ValueError(f"invalid subject name {name!r}: use 1-128 letters, digits, '.', '_' or "
-                         "'-', starting with a letter or digit (no path separators)")
-    return name
-
-
-def kind_for_class(class_noun: str) -> SubjectKind:
-    """DreamBench's rule: subjects whose class is ``cat`` or ``dog`` are live, others objects."""
-    return "live" if class_noun.strip().lower() in LIVE_CLASSES else "object"
-
-
-def _check_class_noun(class_noun: str, where: str) -> str:
-    cleaned = " ".join(str(class_noun).split())
-    if not cleaned:
-        raise ValueError(f"{where}: the class noun is empty")
-    if "{" in cleaned or "}" in cleaned:
-        raise ValueError(f"{where}: the class noun {class_noun!r} must not contain braces")
-    return cleaned
 
 
 @dataclass(frozen=True)
@@ -95,60 +69,13 @@ class Subject:
 
     def __post_init__(self) -> None:
         validate_subject_name(self.name)
-        _check_class_noun(self.class_noun, f"subject {self.name!r}")
+        check_class_noun(self.class_noun, f"subject {self.name!r}")
         if self.kind not in SUBJECT_KINDS:
             raise ValueError(f"subject {self.name!r}: kind must be one of {list(SUBJECT_KINDS)}, "
                              f"got {self.kind!r}")
         if not self.prompt_set:
             object.__setattr__(self, "prompt_set",
                                LIVE_PROMPTS if self.kind == "live" else OBJECT_PROMPTS)
-
-
-@dataclass(frozen=True)
-class PromptSet:
-    """Named prompt templates with ``{token}`` and ``{class_noun}`` placeholders."""
-
-    name: str
-    templates: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"prompt set name must be letters, digits, '-' or '_', "
-                             f"got {self.name!r}")
-        if not self.templates:
-            raise ValueError(f"prompt set {self.name!r} has no templates")
-        for template in self.templates:
-            check_template(template, where=f"prompt set {self.name!r}")
-
-    def render(self, token: str, class_noun: str) -> list[str]:
-        """Prompts with the placeholder token, e.g. ``"a <eqd> dog in the jungle"``."""
-        return [_squash(t.format(token=token, class_noun=class_noun)) for t in self.templates]
-
-    def render_plain(self, class_noun: str) -> list[str]:
-        """Prompts without the placeholder (for CLIP-T), e.g. ``"a dog in the jungle"``."""
-        return self.render("", class_noun)
-
-    def __len__(self) -> int:
-        return len(self.templates)
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
-def check_template(template: str, *, where: str = "template") -> str:
-    """Validate a prompt template: only ``{token}``/``{class_noun}`` fields, ``{token}`` present."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as error:
-        raise ValueError(f"{where}: malformed template {template!r} ({error})") from error
-    unknown = sorted(set(fields) - TEMPLATE_FIELDS)
-    if unknown:
-        raise ValueError(f"{where}: template {template!r} uses unknown field(s) {unknown}; "
-                         f"allowed: {{token}}, {{class_noun}}")
-    if "token" not in fields:
-        raise ValueError(f"{where}: template {template!r} lacks the {{token}} placeholder")
-    return template
 
 
 @dataclass(frozen=True)
@@ -189,134 +116,6 @@ class Dataset:
         if isinstance(subject, str):
             subject = self.subject(subject)
         return self.prompt_set(subject.prompt_set)
-
-
-# --------------------------------------------------------------------------- built-in prompts
-
-def _read_package_json(name: str) -> dict[str, Any]:
-    return json.loads(resources.files("eqdiff").joinpath("data", name).read_text("utf-8"))
-
-
-def builtin_prompt_sets() -> tuple[PromptSet, ...]:
-    """DreamBench's object and live lists (a copy of the public benchmark's 25 + 25 templates)
-    and our own style list."""
-    dreambench = _read_package_json("dreambench_prompts.json")
-    style = _read_package_json("style_prompts.json")
-    return (PromptSet(OBJECT_PROMPTS, tuple(dreambench["object"])),
-            PromptSet(LIVE_PROMPTS, tuple(dreambench["live"])),
-            PromptSet(STYLE_PROMPTS, tuple(style["templates"])))
-
-
-# --------------------------------------------------------------------------- DreamBench file
-
-@dataclass(frozen=True)
-class DreamBenchIndex:
-    """Contents of a DreamBench ``prompts_and_classes.txt``."""
-
-    classes: Mapping[str, str]  # subject name → class noun, in file order
-    object_templates: tuple[str, ...]
-    live_templates: tuple[str, ...]
-
-
-_LIST_START = re.compile(r"[A-Za-z_]\w*\s*=\s*\[")
-_LIST_ITEM = re.compile(
-    r"""(?P<literal>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
-    r"""\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?""")
-_SECTION_HEADERS = {"classes": None, "prompts": None, "object prompts": "object",
-                    "live subject prompts": "live", "live prompts": "live"}
-_POSITIONAL_FIELDS = {"0": "{token}", "1": "{class_noun}"}
-
-
-def _template_from_format_string(text: str, where: str) -> str:
-    """``'a {0} {1} x'`` → ``'a {token} {class_noun} x'``; only ``{0}``/``{1}`` allowed."""
-    parts = []
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as error:
-        raise ValueError(f"{where}: malformed template {text!r} ({error})") from error
-    for literal, field_name, spec, conversion in parsed:
-        parts.append(literal.replace("{", "{{").replace("}", "}}"))
-        if field_name is None:
-            continue
-        if field_name not in _POSITIONAL_FIELDS or spec or conversion:
-            raise ValueError(f"{where}: template {text!r} may only use {{0}} (token) and {{1}} "
-                             f"(class), found {{{field_name}}}")
-        parts.append(_POSITIONAL_FIELDS[field_name])
-    return check_template("".join(parts), where=where)
-
-
-def parse_dreambench_prompts(text: str, *, source: str = DREAMBENCH_INDEX) -> DreamBenchIndex:
-    """Parse DreamBench's ``prompts_and_classes.txt`` without evaluating it.
-
-    Accepted, line by line (blank lines and ``#`` comments anywhere): the section headers
-    ``Classes``, ``Prompts``, ``Object Prompts``, ``Live Subject Prompts``; a class table
-    (an optional ``subject_name,class`` header, then ``name,class`` rows — the class may contain
-    spaces); then exactly two lists ``name = [`` … ``]`` whose items are
-    ``'…'.format(unique_token, class_token)`` (the string is read with ``ast.literal_eval``).
-    The first list (or the one under ``Object Prompts``) is for objects, the other for live
-    subjects. Anything else raises ``ValueError`` naming ``source`` and the line number.
-    """
-    classes: dict[str, str] = {}
-    lists: dict[str, list[str]] = {}
-    pending_header: str | None = None
-    current: list[str] | None = None
-    current_kind = ""
-    list_start_line = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        where = f"{source}:{number}"
-        if not line or line.startswith("#"):
-            continue
-        if current is not None:
-            if line == "]":
-                if not current:
-                    raise ValueError(f"{where}: the {current_kind} prompt list is empty")
-                lists[current_kind], current = current, None
-                continue
-            item = _LIST_ITEM.fullmatch(line)
-            if item is None:
-                raise ValueError(f"{where}: expected a prompt like "
-                                 f"'a {{0}} {{1}} ...'.format(unique_token, class_token) or ']', "
-                                 f"got {line!r}")
-            literal = ast.literal_eval(item.group("literal"))
-            current.append(_template_from_format_string(literal, where))
-            continue
-        if line.lower() in _SECTION_HEADERS:
-            pending_header = _SECTION_HEADERS[line.lower()] or pending_header
-            continue
-        if _LIST_START.fullmatch(line):
-            current_kind = pending_header or ("object" if "object" not in lists else "live")
-            if current_kind in lists:
-                raise ValueError(f"{where}: a second {current_kind} prompt list")
-            current, list_start_line, pending_header = [], number, None
-            continue
-        if lists:
-            raise ValueError(f"{where}: unexpected text after the prompt lists: {line!r}")
-        if line.replace(" ", "").lower() == "subject_name,class":
-            continue
-        name, comma, class_noun = line.partition(",")
-        if not comma:
-            raise ValueError(f"{where}: expected a 'subject_name,class' row, a section header or "
-                             f"a prompt list, got {line!r}")
-        name = name.strip()
-        try:
-            validate_subject_name(name)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        if name in classes:
-            raise ValueError(f"{where}: subject {name!r} is listed twice")
-        classes[name] = _check_class_noun(class_noun, where)
-    if current is not None:
-        raise ValueError(f"{source}:{list_start_line}: the prompt list opened here is never "
-                         "closed with ']'")
-    if not classes:
-        raise ValueError(f"{source}: no 'subject_name,class' rows found")
-    missing = [kind for kind in SUBJECT_KINDS if kind not in lists]
-    if missing:
-        raise ValueError(f"{source}: expected an object and a live prompt list; missing "
-                         f"{missing}")
-    return DreamBenchIndex(classes=classes, object_templates=tuple(lists["object"]),
-                           live_templates=tuple(lists["live"]))
 
 
 # --------------------------------------------------------------------------- readers
@@ -423,7 +222,7 @@ def _entry(row: Mapping[str, Any], where: str) -> tuple[str, str, str, str]:
         validate_subject_name(name)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    class_noun = _check_class_noun(str(row.get("class") or ""), f"{where}: subject {name!r}")
+    class_noun = check_class_noun(str(row.get("class") or ""), f"{where}: subject {name!r}")
     kind = str(row.get("kind") or "").strip() or kind_for_class(class_noun)
     if kind not in SUBJECT_KINDS:
         raise ValueError(f"{where}: kind must be one of {list(SUBJECT_KINDS)}, got {kind!r}")

@@ -1,4 +1,4 @@
-"""DreamBench metrics: CLIP-I, CLIP-T and DINO (EVALUATION.md), and the per-image score rows.
+"""DreamBench metrics: CLIP-I, CLIP-T and DINO (docs/evaluation.md), and the per-image score rows.
 
 Scorers load their model once and embed many images in batches:
 

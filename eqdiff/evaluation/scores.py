@@ -107,7 +107,7 @@ def package_versions() -> dict[str, str]:
 
 
 def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, Any]:
-    """What EVALUATION.md asks every report to record, from the run record and the scores."""
+    """What docs/evaluation.md asks every report to record, from the run record and the scores."""
     provenance: dict[str, Any] = {"run id": run.get("run_id", "")}
     config = from_dict(RunConfig, run["config"]) if "config" in run else None
     generated = scores[scores["seed"] >= 0] if len(scores) else scores

@@ -1,14 +1,14 @@
 """Regional ``torch.compile``: the repeated blocks of the networks a run calls many times.
 
-Compiling a whole SD UNet once took over 6 minutes (PERFORMANCE.md). Compiling its repeated
-blocks instead — every ``ResnetBlock2D`` and ``BasicTransformerBlock`` (with whatever attention
-processors they hold: K/V copies, RRA, reference writers) and the text encoder's layers — gives
-inductor the fusions that matter inside each block (GroupNorm + SiLU, LayerNorm, GEGLU,
-residual adds, RRA's gate) while it compiles each distinct block variant once: blocks of the
-same class, shape, grad mode and processors share one compiled graph (processors reach their
+Compiling a whole SD UNet once took over 6 minutes on an H100 (docs/design.md). Compiling its
+repeated blocks instead — every ``ResnetBlock2D`` and ``BasicTransformerBlock`` (with whatever
+attention processors they hold: K/V copies, RRA, reference writers) and the text encoder's
+layers — gives inductor the fusions that matter inside each block (GroupNorm + SiLU, LayerNorm,
+GEGLU, residual adds, RRA's gate) while it compiles each distinct block variant once: blocks of
+the same class, shape, grad mode and processors share one compiled graph (processors reach their
 layer's reference-bank entry through a slot object, not by name, for that; only the few layers
-that record RRA attention for its loss get one graph per position). Eager code runs
-between the blocks, so the network's own control flow and the extension hooks are untouched.
+that record RRA attention for its loss get one graph per position). Eager code runs between the
+blocks, so the network's own control flow and the extension hooks are untouched.
 
 Blocks are compiled per instance, never on the class: the instance's ``forward`` becomes the
 class's forward compiled and bound to that instance (so ``copy.deepcopy`` rebinds it to the

@@ -1,4 +1,4 @@
-"""The placeholder token and its frequency-decomposed embeddings (METHOD.md §3).
+"""The placeholder token and its frequency-decomposed embeddings (docs/method.md §3).
 
 A placeholder token (``<eqd>``) is added to the tokenizer. Its own embedding row is never
 trained; instead learned vectors — S_LF and S_HF with FDTE, a single vector without — replace

@@ -1,4 +1,4 @@
-"""Frequency decomposition of concept images and per-sample band sampling (METHOD.md §2).
+"""Frequency decomposition of concept images and per-sample band sampling (docs/method.md §2).
 
 Conventions used throughout:
 
@@ -155,7 +155,7 @@ def _check_images(images: Tensor) -> None:
 
 def frequency_band(images: Tensor, band: Band | Literal["low", "high"],
                    config: FrequencyConfig) -> Tensor:
-    """The low- or high-frequency version of instance images (METHOD.md §2).
+    """The low- or high-frequency version of instance images (docs/method.md §2).
 
     Grayscale first when ``config.grayscale_bands`` (channel mean, repeated to all ``C``
     channels); then the centred 2-D FFT in at least float32, the ``config.filter_shape`` mask

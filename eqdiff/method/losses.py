@@ -1,4 +1,4 @@
-"""Mask-guided noising and the training losses of EqDiff (METHOD.md §4, §6).
+"""Mask-guided noising and the training losses of EqDiff (docs/method.md §4, §6).
 
 Shape conventions: latents and UNet predictions are ``(B, C, h, w)``; masks are ``(B, 1, h, w)``
 (or ``(B, h, w)`` where stated) with values in {0, 1} or [0, 1], any dtype including bool.
@@ -72,7 +72,7 @@ def _check_mask_for(mask: Tensor, values: Tensor, name: str) -> None:
 
 def masked_noising(latents: Tensor, noise: Tensor, timesteps: Tensor, mask: Tensor,
                    scheduler_or_alphas_cumprod: HasAlphasCumprod | Tensor) -> Tensor:
-    """Forward diffusion inside the mask only (METHOD.md §4).
+    """Forward diffusion inside the mask only (docs/method.md §4).
 
     ``z_t = M * (sqrt(a_t) * z_0 + sqrt(1 - a_t) * eps) + (1 - M) * z_0`` with ``a_t`` the
     scheduler's ``alphas_cumprod[t]``. The noisy term is computed exactly as diffusers'
@@ -111,7 +111,7 @@ def masked_noising(latents: Tensor, noise: Tensor, timesteps: Tensor, mask: Tens
 
 
 def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Squared error inside the mask, normalised per masked element (METHOD.md §4).
+    """Squared error inside the mask, normalised per masked element (docs/method.md §4).
 
     For each sample ``b``: ``L_b = sum(M * (pred - target) ** 2) / (C * sum(M))`` — the mask
     area times the channel count, i.e. the mean squared error over masked elements (for a

@@ -1,4 +1,4 @@
-"""Class-prior images for prior preservation (METHOD.md §7).
+"""Class-prior images for prior preservation (docs/method.md §7).
 
 The base model draws ``count`` images of the bare class noun (``"{class_noun}"``). Each image
 has its own seed (``seed + i``), so a larger count extends a smaller one and the batch size

@@ -1,4 +1,4 @@
-"""Generation for evaluation: one base model loaded once, many concepts (METHOD.md §5, §7).
+"""Generation for evaluation: one base model loaded once, many concepts (docs/method.md §5, §7).
 
 :class:`ConceptGenerator` holds one set of SD-1.x components and serves many
 ``(concept, requests)`` calls. A concept is applied for one call (token row, K/V weights and,
