@@ -31,7 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from eqdiff.config import SampleConfig
 from eqdiff.fixtures.zoo import build_tiny_sd, sd15_shaped_components
@@ -145,11 +144,7 @@ def main() -> None:
                 _components(args.tiny, folder / "compiled")[0],
                 replace(sample, cuda_graphs="on" if graphs else "off", compile="regional"),
                 device=device, dtype=dtype)
-        pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer, unet=components.unet,
-            scheduler=make_scheduler("ddim", components.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = components.pipeline(make_scheduler("ddim", components.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         reference = torch.rand(3, resolution, resolution,
                                generator=torch.Generator().manual_seed(1)) * 2 - 1

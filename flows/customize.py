@@ -13,7 +13,6 @@ subject that fails is recorded with its reason and the others go on.
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import re
 from collections.abc import Iterable
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -34,6 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
 from eqdiff.data.datasets import Dataset, Subject, load_dataset
+from eqdiff.data.images import jpeg_thumbnail
 from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ArtifactStore, keys, store_from_config
@@ -301,9 +300,4 @@ def _artifact_slug(run_id: str) -> str:
 
 
 def _thumbnail_uri(data: bytes, size: int = 96) -> str:
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_thumbnail(data, size)).decode()

@@ -42,11 +42,12 @@ class CustomizeParams(BaseModel):
     methods: list[MethodName] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["eqdiff", "custom-diffusion"],
         description="EqDiff, its ablations and baselines, trained on identical data and seeds")
-    steps: int = Field(600, ge=1, le=100_000, description="Training steps per concept")
+    steps: int = Field(TrainConfig.steps, ge=1, le=100_000,
+                       description="Training steps per concept")
     prompt_set: str = Field("", description="Evaluation prompt set (empty: DreamBench's object "
                                             "or live list per subject)")
     max_prompts: int = Field(0, ge=0, description="Use only the first N prompts (0: all)")
-    images_per_prompt: int = Field(4, ge=1, le=64)
+    images_per_prompt: int = Field(SampleConfig.images_per_prompt, ge=1, le=64)
     base_model: str = Field(ModelConfig().base_model,
                             description="Diffusers folder or hub id of an SD-1.x model; 'toy' "
                                         "for the toy world's trained model and evaluators, "

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from eqdiff.config import METHOD_PRESETS
 from eqdiff.evaluation.scores import load_run_scores
 from eqdiff.fixtures import fixture_run_overrides
 from eqdiff.fixtures.toyworld.benchmark import markdown_table, plot_summary, summarise
@@ -26,10 +27,6 @@ from flows.params import CustomizeParams, MethodName
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ["eqdiff", "eqdiff-no-fdte", "eqdiff-no-mgdp", "eqdiff-no-rra",
-               "custom-diffusion", "textual-inversion"]
-
-
 class ToyBenchmarkParams(BaseModel):
     """A toy benchmark: methods × seeds on the toy world's novel subjects."""
 
@@ -37,7 +34,7 @@ class ToyBenchmarkParams(BaseModel):
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     methods: list[MethodName] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(ALL_METHODS))
+        default_factory=lambda: list(METHOD_PRESETS))
     steps: int = Field(300, ge=1, description="Training steps per concept")
     images_per_prompt: int = Field(4, ge=1)
     storage_url: str = "./artifacts"

@@ -395,3 +395,14 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
     scaled = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(scaled.permute(1, 2, 0).cpu().numpy())
+
+
+def jpeg_thumbnail(data: bytes, size: int, *, quality: int = 80) -> bytes:
+    """Encoded image bytes scaled (bicubic) to fit ``size`` px, as JPEG: for pages and notes.
+    Raises what PIL raises for bytes it cannot decode."""
+    with Image.open(io.BytesIO(data)) as image:
+        thumb = image.convert("RGB")
+        thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

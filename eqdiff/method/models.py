@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,19 @@ class SDComponents:
             module.requires_grad_(False)
             module.eval()
         return self
+
+    def pipeline(self, scheduler: SchedulerMixin) -> StableDiffusionPipeline:
+        """These modules (shared, not copied) as a plain diffusers pipeline with ``scheduler``."""
+        return sd_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, scheduler)
+
+
+def sd_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                unet: UNet2DConditionModel, scheduler: SchedulerMixin
+                ) -> StableDiffusionPipeline:
+    """A standard text-to-image pipeline from its parts, without safety checker."""
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from eqdiff.config import SampleConfig, config_hash
@@ -42,11 +41,7 @@ def generate_class_priors(components: SDComponents, class_noun: str, *, count: i
     steps, CFG and negative prompt). Image ``i`` uses seed ``seed + i``."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer, unet=components.unet,
-        scheduler=make_scheduler("ddim", components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = components.pipeline(make_scheduler("ddim", components.noise_scheduler.config))
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     prompt = CLASS_PROMPT.format(class_noun=class_noun)

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-from eqdiff.config import MaskConfig
+from eqdiff.config import MaskConfig, MaskExtractorName
 from eqdiff.data.masks.cache import CachedMask, MaskCache
 from eqdiff.data.masks.codec import decode_mask_png, encode_mask_png
 from eqdiff.data.masks.extractors import (
@@ -58,8 +58,8 @@ def build_extractor(name: str, config: MaskConfig, *, mask_dir: str | Path | Non
     if name == "clipseg":
         return ClipSegMask(config.segmentation_model, threshold=config.clipseg_threshold,
                            device=device, local_files_only=local_files_only)
-    raise ValueError(f"unknown mask extractor {name!r}; known: grabcut, provided, alpha, "
-                     "grounded-sam, clipseg, full")
+    raise ValueError(f"unknown mask extractor {name!r}; known: "
+                     f"{', '.join(get_args(MaskExtractorName))}")
 
 
 # --------------------------------------------------------------------------- extraction

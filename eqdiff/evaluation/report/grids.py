@@ -8,14 +8,13 @@ where they are stored; an image that cannot be loaded becomes a visible empty ce
 from __future__ import annotations
 
 import base64
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
-from PIL import Image
 
+from eqdiff.data.images import jpeg_thumbnail
 from eqdiff.evaluation.metrics import REAL_IMAGES
 from eqdiff.evaluation.report.tables import format_value
 
@@ -59,15 +58,11 @@ def thumbnail(load_image: ImageLoader, key: str, tip: str, size: int) -> Thumbna
     """The image ``key`` scaled to fit ``size`` px, as base64 JPEG; a load or decode failure is
     logged and gives an empty ``data``."""
     try:
-        with Image.open(io.BytesIO(load_image(key))) as image:
-            thumb = image.convert("RGB")
-            thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+        jpeg = jpeg_thumbnail(load_image(key), size)
     except Exception as error:  # any loader or decoder failure becomes a visible empty cell
         logger.warning("report: cannot show image %s: %s", key, error)
         return Thumbnail(key, tip, "")
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=80)
-    return Thumbnail(key, tip, base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return Thumbnail(key, tip, base64.b64encode(jpeg).decode("ascii"))
 
 
 def _tip(method: str, pick: pd.Series) -> str:
