@@ -140,8 +140,8 @@ def _cmd_toyworld_train_base(args: argparse.Namespace) -> int:
 
     chosen = {name: getattr(args, name) for name in ("seed", "corpus_size", "vae_steps",
                                                       "unet_steps", "threads")}
-    cfg = BaseTrainConfig(**{k: v for k, v in chosen.items() if v is not None})
-    record = train_base_model(args.out, cfg)
+    settings = BaseTrainConfig(**{k: v for k, v in chosen.items() if v is not None})
+    record = train_base_model(args.out, settings)
     logger.info("trained in %.0f s: %s", record["timings"]["total_s"], args.out)
     return 0
 

@@ -187,12 +187,12 @@ def _resolve_open_clip(model: str, pretrained: str) -> tuple[str, str | None]:
                          "'openai' or a .safetensors file")
     if Path(pretrained).suffix or Path(pretrained).exists():
         return model, str(_safe_file(Path(pretrained), f"CLIP {model}"))
-    cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not cfg:
+    pretrained_config = open_clip.get_pretrained_cfg(model, pretrained)
+    if not pretrained_config:
         raise ValueError(f"open_clip has no weights {pretrained!r} for {model}; known tags: "
                          f"{open_clip.list_pretrained_tags_by_model(model)}")
     try:
-        path = open_clip.download_pretrained(cfg)
+        path = open_clip.download_pretrained(pretrained_config)
     except Exception as error:  # network/cache failures: name the weights asked for
         raise FileNotFoundError(f"cannot fetch CLIP weights {model}/{pretrained} from the hub or "
                                 f"its cache: {error}") from error

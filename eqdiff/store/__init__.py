@@ -73,7 +73,7 @@ def open_store(url: str, *, endpoint_url: str = "", region: str = "", cache_dir:
     return LocalStore(url)
 
 
-def store_from_config(cfg: StorageConfig) -> ArtifactStore:
+def store_from_config(settings: StorageConfig) -> ArtifactStore:
     """The store described by a :class:`eqdiff.config.StorageConfig`."""
-    return open_store(cfg.url, endpoint_url=cfg.endpoint_url, region=cfg.region,
-                      cache_dir=cfg.cache_dir)
+    return open_store(settings.url, endpoint_url=settings.endpoint_url, region=settings.region,
+                      cache_dir=settings.cache_dir)
