@@ -3,8 +3,7 @@
 The same workload runs three ways, each on a fresh local-folder store:
 
 - ``direct``: the :mod:`eqdiff.pipeline.stages` functions called in a plain loop (on one worker
-thread,
-  like the local task runner), in the order the flow runs them (preprocess, masks, class
+  thread, like the local task runner), in the order the flow runs them (preprocess, masks, class
   priors, train, generate, score, report), each model loaded once per run;
 - ``flow-local``: ``customize_dataset`` with ``compute="local"`` (tasks in this process, one at
   a time), reporting to a real Prefect server;

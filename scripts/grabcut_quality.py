@@ -4,8 +4,8 @@
         [--figure docs/figures/grabcut_dreambench_mini.png]
 
 The synthetic score uses drawn objects with known masks (eqdiff.fixtures.demo_data); the real
-photos have
-no ground truth, so they are shown as an overlay grid (one row per subject) to judge by eye.
+photos have no ground truth, so they are shown as an overlay grid (one row per subject) to judge by
+eye.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Thin Prefect tasks over :mod:`eqdiff.pipeline.stages`: resolve inputs, call one function, return
-keys.
+"""Thin Prefect tasks over :mod:`eqdiff.pipeline.stages`: resolve inputs, call one function,
+return keys.
 
 Retries are for transient trouble only (storage or network hiccups, a lost Ray worker);
 a :class:`~eqdiff.pipeline.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and
-is
-reported. Prefect's own result caching is off: the stages' completion markers in the store
+is reported. Prefect's own result caching is off: the stages' completion markers in the store
 decide what is already done.
 """
 

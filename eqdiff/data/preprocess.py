@@ -1,8 +1,7 @@
 """The preprocessing stage: validate a subject's photos, normalise them, write a manifest.
 
 For each subject: every image is loaded and checked (:func:`eqdiff.data.images.load_image`), bad
-ones
-are listed with the reason, exact duplicates (same sha256) are dropped, and the rest are
+ones are listed with the reason, exact duplicates (same sha256) are dropped, and the rest are
 normalised to a centred square at the training resolution and written as PNG. A subject left
 with fewer than ``min_images`` usable photos is marked failed with the reason; the other
 subjects are unaffected. The manifest (``manifest.json``, written last) records per image the
