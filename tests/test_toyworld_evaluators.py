@@ -25,22 +25,24 @@ from eqdiff.evaluation.metrics import (
     dino_preprocess,
     processor_preprocess,
 )
-from eqdiff.fixtures.toyworld.evaluators import (
+from eqdiff.fixtures.toyworld.checks import (
     ATTRIBUTE_VALUES,
-    EvaluatorConfig,
     attribute_accuracy,
     attribute_captions,
-    encode_text_prefix,
     identity_checks,
-    render_identities,
+    zero_shot_predictions,
+)
+from eqdiff.fixtures.toyworld.evaluators import (
+    EvaluatorConfig,
+    encode_text_prefix,
     save_clip,
     save_dino,
     supcon_loss,
     toy_clip_config,
     toy_dino,
     train_evaluators,
-    zero_shot_predictions,
 )
+from eqdiff.fixtures.toyworld.renders import render_identities
 from eqdiff.fixtures.toyworld.world import COLOURS, ObjectSpec, SceneSpec, caption, object_words
 from eqdiff.fixtures.zoo import build_tiny_dino
 
