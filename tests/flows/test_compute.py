@@ -131,7 +131,7 @@ def test_kept_gpu_workers_serve_later_tasks_and_ray_leaves_the_gpu_choice_to_the
     exits after it (Ray's default for GPU tasks). Either way Ray assigns GPU 0 and leaves
     CUDA_VISIBLE_DEVICES alone, so a kept worker can serve any GPU it is given."""
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "RAY_AUTH_MODE": "disabled",
-           "EQDIFF_RAY_NUM_CPUS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
+           "EQDIFF_RAY_NUM_CPUS": "2", "PYTHONPATH": str(Path(__file__).parents[2])}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     done = subprocess.run([sys.executable, "-c", WORKER_PROBE], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=240)

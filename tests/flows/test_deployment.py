@@ -118,11 +118,11 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
     assert nightly.parameters["params"]["run_id"] == "nightly-demo"
 
 
-RUN_FILES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+RUN_FILES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
 
 
 def _readme_run_file() -> str:
-    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
     after = readme[readme.index("A run file is YAML"):]
     start = after.index("```yaml\n") + len("```yaml\n")
     return after[start:after.index("```\n", start)]
@@ -160,7 +160,7 @@ def test_toy_deployments_train_with_the_toy_models_settings() -> None:
 
     from eqdiff.fixtures import fixture_run_overrides
 
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml")
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml")
                           .read_text())
     toy = [d["parameters"]["params"] for d in spec["deployments"]
            if d.get("parameters", {}).get("params", {}).get("base_model") == "toy"]

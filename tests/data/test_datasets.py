@@ -309,7 +309,7 @@ def test_demo_dataset_is_deterministic_and_loadable(tmp_path: Path) -> None:
 
 DREAMBENCH_MINI = Path(os.environ.get(
     "EQDIFF_DREAMBENCH_MINI",
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench-mini"))
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambench-mini"))
 
 
 @pytest.mark.skipif(not DREAMBENCH_MINI.is_dir(),
