@@ -51,7 +51,7 @@ run_stage() {
             "${TRAIN_TINY[@]}" --out "$OUT" ;;
     gpu_tests)  # graphed and compiled vs eager, training and sampling, on the tiny model
         stage gpu_tests "${TEST_TIMEOUT:-150}" "$PYTHON" -m pytest -p no:cacheprovider -m gpu -q \
-            "${TEST_TINY[@]}" tests/test_cuda_graphs.py tests/test_compilation.py ;;
+            "${TEST_TINY[@]}" tests/method/test_cuda_graphs.py tests/method/test_compilation.py ;;
     sampling)  # eager and graphed sampling against the pipeline
         stage sampling "${SAMPLE_TIMEOUT:-150}" "$PYTHON" bench/sampling_throughput.py --batch 8 \
             --steps 50 --repeat 1 "${SAMPLE_TINY[@]}" --out "$OUT" ;;

@@ -269,8 +269,9 @@ class SampleConfig:
     batch_size: int = _not_hashed(8)
     # CUDA only: replay the UNet calls of the denoising loop (reference pass and main pass) as
     # CUDA graphs, captured once per shape and concept ("auto": eager if a capture fails).
-    # Off by default until the graphed images have been checked on a GPU (tests/
-    # test_cuda_graphs.py, -m gpu) and the speed measured (bench/sampling_throughput.py).
+    # Off by default until the graphed images have been checked on a GPU
+    # (tests/method/test_cuda_graphs.py, -m gpu) and the speed measured
+    # (bench/sampling_throughput.py).
     cuda_graphs: CudaGraphs = _not_hashed("off")
     # "regional": torch.compile the UNets' blocks, the reference UNet's and the VAE decoder's
     # included (eqdiff/method/compilation.py); the first batch compiles. Off until measured to pay

@@ -1,9 +1,12 @@
 """Attention processors installed per UNet instance, each install returning an undo handle.
 
-This module holds the Custom-Diffusion part (METHOD.md §3): trainable copies of the
-cross-attention K/V projections (initialised from the pretrained ones, the BOS token's K/V
-detached) and the capture of the placeholder token's cross-attention maps for the auxiliary
-mask loss (§6). Processors are ``nn.Module``s, so their tensors follow the UNet across
+:func:`install_processors` sets processors on named attention layers of one UNet instance and
+returns the :class:`ProcessorHandle` that puts the replaced ones back; every install in the
+project (K/V copies here, RRA and the reference writers in :mod:`eqdiff.method.reference`) goes
+through it. This module also holds the Custom-Diffusion part (docs/method.md §3): trainable
+copies of the cross-attention K/V projections (initialised from the pretrained ones, the BOS
+token's K/V detached) and the capture of the placeholder token's cross-attention maps for the
+auxiliary mask loss (§6). Processors are ``nn.Module``s, so their tensors follow the UNet across
 devices; their trainable tensors carry the ``eqdiff_kv.`` name prefix in concept files.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -140,7 +143,7 @@ class ProcessorHandle:
 
     unet: UNet2DConditionModel
     originals: dict[str, object]
-    installed: dict[str, nn.Module] = field(default_factory=dict)
+    installed: dict[str, object] = field(default_factory=dict)
 
     def remove(self) -> None:
         current = dict(self.unet.attn_processors)
@@ -186,19 +189,35 @@ def attention_modules(unet: UNet2DConditionModel) -> dict[str, Attention]:
             if isinstance(module, Attention)}
 
 
-def install_custom_kv(unet: UNet2DConditionModel, *, train_kv: bool,
-                      capture: CrossAttentionCapture | None = None) -> ProcessorHandle:
-    """Install :class:`CustomKVProcessor` on every cross-attention layer of this UNet."""
+def install_processors(unet: UNet2DConditionModel, names: Iterable[str],
+                       make: Callable[[str, Attention, object], object]) -> ProcessorHandle:
+    """Give each attention layer in ``names`` of this UNet instance the processor
+    ``make(name, module, current)`` returns (``current``: the processor it replaces), in the
+    order of ``names``; the handle puts back the replaced processors, and only those.
+    """
     modules = attention_modules(unet)
     current = dict(unet.attn_processors)
-    names = cross_attention_names(unet)
+    names = list(names)
+    unknown = sorted(set(names) - set(modules))
+    if unknown:
+        raise ValueError(f"this UNet has no attention layers {unknown[:3]}; was the concept "
+                         "trained on another base model?")
     handle = ProcessorHandle(unet, {name: current[name] for name in names})
     for name in names:
-        processor = CustomKVProcessor(modules[name], train_kv=train_kv, capture=capture)
+        processor = make(name, modules[name], current[name])
         current[name] = processor
         handle.installed[name] = processor
     unet.set_attn_processor(current)
     return handle
+
+
+def install_custom_kv(unet: UNet2DConditionModel, *, train_kv: bool,
+                      capture: CrossAttentionCapture | None = None) -> ProcessorHandle:
+    """Install :class:`CustomKVProcessor` on every cross-attention layer of this UNet."""
+    return install_processors(
+        unet, cross_attention_names(unet),
+        lambda _name, module, _current: CustomKVProcessor(module, train_kv=train_kv,
+                                                          capture=capture))
 
 
 def kv_learned_tensors(handle: ProcessorHandle) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Residual reference attention, RRA (METHOD.md §5, loss §6).
+"""Residual reference attention, RRA (docs/method.md §5, loss §6).
 
 Three pieces, each an explicit object with a lifecycle — no globals, nothing stuck onto
 library modules:
@@ -12,8 +12,10 @@ library modules:
   frozen self-attention plus a reference branch with trainable K/V (initialised from the
   layer's own) and a zero-initialised output projection producing the residual and a gate.
 
-:class:`RRAExtension` plugs all of it into :func:`eqdiff.method.training.train_concept`. RRA tensors
-carry the ``eqdiff_rra.`` prefix in concept files (``eqdiff_rra.<layer>.to_k.weight``, …).
+:class:`RRAExtension` plugs all of it into :func:`eqdiff.method.training.train_concept` (a
+:class:`~eqdiff.method.training.TrainingExtension` providing the method switches ``rra`` and
+``rra_loss``). RRA tensors carry the ``eqdiff_rra.`` prefix in concept files
+(``eqdiff_rra.<layer>.to_k.weight``, …).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eqdiff.config import MethodConfig, RRABlock, RRAConfig
-from eqdiff.method.attention import ProcessorHandle, attention_modules
+from eqdiff.method.attention import ProcessorHandle, install_processors
 from eqdiff.method.frequency import Band
 from eqdiff.method.losses import rra_attention_loss
 
@@ -200,7 +202,7 @@ def _broadcast_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
 
 
 class RRAProcessor(nn.Module):
-    """Self-attention with a residual reference branch (METHOD.md §5), per layer.
+    """Self-attention with a residual reference branch (docs/method.md §5), per layer.
 
     With ``h`` the layer input (B, N, C) and ``r`` the bank entry (Br, Nr, C)::
 
@@ -280,36 +282,19 @@ def _check_plain_self_attention(name: str, attn: Attention) -> None:
 def install_reference_writers(unet: UNet2DConditionModel, bank: ReferenceBank,
                               names: Iterable[str]) -> ProcessorHandle:
     """Install :class:`ReferenceWriter` on layers ``names`` of the reference UNet."""
-    current = dict(unet.attn_processors)
-    names = list(names)
-    unknown = sorted(set(names) - set(current))
-    if unknown:
-        raise ValueError(f"the reference UNet has no layers {unknown[:3]}")
-    handle = ProcessorHandle(unet, {name: current[name] for name in names})
-    for name in names:
-        current[name] = ReferenceWriter(name, bank, current[name])
-    unet.set_attn_processor(current)
-    return handle
+    return install_processors(unet, names,
+                              lambda name, _module, current: ReferenceWriter(name, bank, current))
 
 
 def install_rra(unet: UNet2DConditionModel, bank: ReferenceBank, names: Iterable[str], *,
                 capture: ReferenceAttentionCapture | None = None) -> ProcessorHandle:
     """Install a fresh (zero-initialised) :class:`RRAProcessor` on each layer in ``names``."""
-    modules = attention_modules(unet)
-    current = dict(unet.attn_processors)
-    names = list(names)
-    unknown = sorted(set(names) - set(modules))
-    if unknown:
-        raise ValueError(f"this UNet has no attention layers {unknown[:3]}; was the concept "
-                         "trained on another base model?")
-    handle = ProcessorHandle(unet, {name: current[name] for name in names})
-    for name in names:
-        _check_plain_self_attention(name, modules[name])
-        processor = RRAProcessor(modules[name], name, bank, capture)
-        current[name] = processor
-        handle.installed[name] = processor
-    unet.set_attn_processor(current)
-    return handle
+
+    def make(name: str, module: Attention, _current: object) -> RRAProcessor:
+        _check_plain_self_attention(name, module)
+        return RRAProcessor(module, name, bank, capture)
+
+    return install_processors(unet, names, make)
 
 
 def rra_parameters(handle: ProcessorHandle) -> list[nn.Parameter]:
@@ -400,7 +385,8 @@ def augment_prior_images(images: Tensor) -> Tensor:
 
 
 class RRAExtension:
-    """RRA for :func:`eqdiff.method.training.train_concept` (the ``TrainingExtension`` seam).
+    """RRA for :func:`eqdiff.method.training.train_concept` (the ``TrainingExtension`` seam):
+    provides the method switch ``rra`` (and ``rra_loss`` when the method turns it on).
 
     Per step: each instance row's reference is another photo of the subject
     (:func:`reference_indices`), each prior row's an augmented copy of its class image
@@ -413,14 +399,13 @@ class RRAExtension:
     reference: its reference photo's mask).
     """
 
-    prefix = RRA_PREFIX
-
     def __init__(self, config: RRAConfig, method: MethodConfig, *,
                  loss_resolution: int = DEFAULT_LOSS_RESOLUTION,
                  share_weights: bool = True) -> None:
         if not method.rra:
             raise ValueError(f"method {method.name!r} has rra=False; do not pass RRAExtension")
         self.config, self.method = config, method
+        self.provides = frozenset({"rra", "rra_loss"} if method.rra_loss else {"rra"})
         self.loss_resolution = loss_resolution
         self.share_weights = share_weights
         self.bank = ReferenceBank()
@@ -515,5 +500,6 @@ class RRAExtension:
 
 
 def training_extensions(config: RRAConfig, method: MethodConfig) -> list[RRAExtension]:
-    """The extensions ``method`` needs in :func:`~eqdiff.method.training.train_concept`."""
+    """The extensions a caller passes to :func:`~eqdiff.method.training.train_concept` for
+    ``method`` (the trainer builds the K/V and mask-loss ones itself): RRA when it is on."""
     return [RRAExtension(config, method)] if method.rra else []

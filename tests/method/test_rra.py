@@ -26,7 +26,13 @@ from eqdiff.method.reference import (
     training_extensions,
     unit_clamp,
 )
-from eqdiff.method.training import TrainingCallback, train_concept
+from eqdiff.method.training import (
+    ConceptTrainer,
+    CrossAttentionLossExtension,
+    CustomKVExtension,
+    TrainingCallback,
+    train_concept,
+)
 
 
 def config(steps=2) -> RunConfig:
@@ -249,6 +255,30 @@ def test_rra_without_loss_and_without_prior(tiny_sd):
     assert "loss/rra" not in trained.loss_history[0]
     assert extension.handle is None and extension.reference_unet is None
     assert any(k.startswith(RRA_PREFIX) for k in trained.tensors)
+
+
+def test_the_trainer_runs_its_own_extensions_then_the_callers(tiny_sd):
+    """The mask loss, the K/V copies, then RRA — installed, asked for parameters, loss terms
+    and learned tensors in that order (the optimizer's parameter order is in a checkpoint)."""
+    method = method_preset("eqdiff")
+    cfg = config(steps=1)
+    [rra] = training_extensions(cfg.rra, method)
+    trainer = ConceptTrainer(load_sd_components(tiny_sd, local_files_only=True),
+                             make_data(n_prior=2), cfg, method, extensions=[rra])
+    try:
+        mask_loss, kv, last = trainer.extensions
+        assert isinstance(mask_loss, CrossAttentionLossExtension)
+        assert isinstance(kv, CustomKVExtension) and kv.train_kv and last is rra
+        expected = [trainer.embeddings.vectors, *kv.parameters(), *rra.parameters()]
+        assert [id(p) for p in trainer.optimizer.param_groups[0]["params"]] == [
+            id(p) for p in expected]
+        assert trainer.train_step().loss_names == ("loss", "loss/inst", "loss/prior",
+                                                   "loss/xattn", "loss/rra")
+        prefixes = [name.split(".")[0] for name in trainer.learned_tensors()]
+        assert prefixes == sorted(prefixes, key=["eqdiff_token", "eqdiff_kv",
+                                                 "eqdiff_rra"].index)
+    finally:
+        trainer.remove()
 
 
 @pytest.mark.slow

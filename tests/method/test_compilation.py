@@ -62,6 +62,11 @@ def _train(trainer: ConceptTrainer, steps: int, *, captured: bool = False):
         trainer.remove()
 
 
+def _extension_networks(trainer: ConceptTrainer) -> list[torch.nn.Module]:
+    """The networks the trainer's extensions run (RRA's reference UNet)."""
+    return [network for extension in trainer.extensions for network in extension.networks()]
+
+
 def _own_forwards(*networks) -> int:
     return sum("forward" in vars(module) for network in networks
                for module in network.modules())
@@ -141,7 +146,7 @@ def test_compiled_calls_keep_more_variants_than_dynamos_default():
 
 def test_the_trainer_compiles_every_network_it_runs_and_restores_them(tiny_sd):
     trainer = _trainer(tiny_sd, _config(2, compile="regional"))
-    (reference,) = trainer.extensions[0].networks()
+    (reference,) = _extension_networks(trainer)
     networks = (trainer.components.unet, trainer.components.text_encoder, reference)
     assert all(_own_forwards(network) for network in networks)
     assert len(trainer.compiled) == _own_forwards(*networks)
@@ -155,7 +160,7 @@ def test_compiled_blocks_train_like_eager_blocks(tiny_sd):
     config = _config(3)
     want = _train(_trainer(tiny_sd, config), 3)
     trainer = _trainer(tiny_sd, config)
-    (reference,) = trainer.extensions[0].networks()
+    (reference,) = _extension_networks(trainer)
     trainer.compiled = compile_regions(trainer.components.unet, trainer.components.text_encoder,
                                        reference, backend="aot_eager")
     counters.clear()
@@ -180,7 +185,7 @@ def test_a_later_trainer_in_the_same_process_runs_the_compiled_blocks_without_co
 
     for subject in ("first", "next"):
         trainer = _trainer(tiny_sd, _config(2))
-        (reference,) = trainer.extensions[0].networks()
+        (reference,) = _extension_networks(trainer)
         trainer.compiled = compile_regions(trainer.components.unet,
                                            trainer.components.text_encoder, reference,
                                            backend=counting_backend)

@@ -3,7 +3,7 @@ sampling draws the eager images.
 
 The host half of a training step draws into persistent buffers; the device half reads only
 them, which is what lets it be captured as a CUDA graph. The CPU tests check that structure;
-the ``gpu`` tests (run on a CUDA machine: ``pytest -m gpu tests/test_cuda_graphs.py``) check
+the ``gpu`` tests (run on a CUDA machine: ``pytest -m gpu tests/method/test_cuda_graphs.py``) check
 that the captured step gives the eager step's losses and learned tensors, also across a
 resume, and that replayed UNet calls give the eager images.
 """
@@ -145,17 +145,17 @@ def test_a_failed_capture_warns_and_trains_on_eagerly(tiny_sd, monkeypatch, capl
         eager.remove()
     _cpu_stand_ins_for_cuda(monkeypatch, "operation not permitted when stream is capturing")
     tried = _trainer(tiny_sd, "eqdiff", _config(steps), "cpu")
-    tried.graph_mode = "auto"
+    tried.graphed.mode = "auto"
     try:
         for _ in range(steps):
             tried.train_step()
-        assert tried.graph_mode == "off" and not tried.graph_captured
+        assert tried.graphed.mode == "off" and not tried.graph_captured
         assert tried.loss_history == want
     finally:
         tried.remove()
     assert "CUDA graph capture failed" in caplog.text
     strict = _trainer(tiny_sd, "eqdiff", _config(steps), "cpu")
-    strict.graph_mode = "on"
+    strict.graphed.mode = "on"
     try:
         with pytest.raises(RuntimeError, match="not permitted"):
             for _ in range(steps):
@@ -166,8 +166,8 @@ def test_a_failed_capture_warns_and_trains_on_eagerly(tiny_sd, monkeypatch, capl
 
 class ReplayOnCopies:
     """CPU stand-in for :class:`eqdiff.method.sampling.CapturedCall` with a graph's memory
-    semantics:
-    ``fn`` runs on the call's own copies of the inputs, and every call's results land in the
+    semantics: ``fn`` runs on the call's own copies of the inputs, and every call's results land in
+    the
     tensors the first call returned (a replay overwrites its outputs)."""
 
     def __init__(self, fn, inputs):

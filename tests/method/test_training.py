@@ -6,9 +6,14 @@ from diffusers import StableDiffusionPipeline
 from synthetic import RESOLUTION
 from synthetic import random_concept_data as make_data
 
-from eqdiff.config import RunConfig, TrainConfig, method_preset, with_overrides
+from eqdiff.config import METHOD_PRESETS, RunConfig, TrainConfig, method_preset, with_overrides
 from eqdiff.fixtures.zoo import build_tiny_sd
-from eqdiff.method.attention import CrossAttentionCapture, install_custom_kv
+from eqdiff.method.attention import (
+    CrossAttentionCapture,
+    cross_attention_names,
+    install_custom_kv,
+    install_processors,
+)
 from eqdiff.method.concept import ConceptError, apply_concept, load_concept, save_concept
 from eqdiff.method.embeddings import (
     PlaceholderEmbeddings,
@@ -16,7 +21,13 @@ from eqdiff.method.embeddings import (
     install_placeholder_embeddings,
 )
 from eqdiff.method.models import load_sd_components
-from eqdiff.method.training import ProgressBar, train_concept
+from eqdiff.method.training import (
+    EXTENSION_SWITCHES,
+    ProgressBar,
+    builtin_extensions,
+    check_extensions,
+    train_concept,
+)
 
 
 def load(tiny_sd):
@@ -92,6 +103,52 @@ def test_kv_install_matches_and_uninstall_restores_exactly(tiny_sd):
     handle.remove()
     assert torch.equal(_unet_out(unet), before)
     assert not any("CustomKV" in type(p).__name__ for p in unet.attn_processors.values())
+
+
+class Passthrough:
+    """A processor that runs the one it replaced."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_installed_processors_replace_only_the_named_layers_until_removed(tiny_sd):
+    unet = load(tiny_sd).unet
+    before = dict(unet.attn_processors)
+    names = cross_attention_names(unet)[:2]
+    seen = []
+
+    def make(name, module, current):
+        seen.append((name, module, current))
+        return Passthrough(current)
+
+    handle = install_processors(unet, names, make)
+    modules = dict(unet.named_modules())
+    assert seen == [(n, modules[n.removesuffix(".processor")], before[n]) for n in names]
+    now = unet.attn_processors
+    assert {n for n in before if now[n] is not before[n]} == set(names)
+    assert all(handle.installed[n] is now[n] and now[n].inner is before[n] for n in names)
+    handle.remove()
+    assert dict(unet.attn_processors) == before  # the very same processor objects
+    with pytest.raises(ValueError, match="no attention layers"):
+        install_processors(unet, ["down_blocks.9.attn1.processor"], make)
+    assert dict(unet.attn_processors) == before
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
+def test_the_trainers_own_extensions_provide_every_switch_but_rra(method):
+    preset = method_preset(method)
+    own = builtin_extensions(preset, RunConfig().losses)
+    provided = set().union(*(extension.provides for extension in own))
+    assert provided == {s for s in EXTENSION_SWITCHES if getattr(preset, s)} - {"rra", "rra_loss"}
+    if preset.rra:
+        with pytest.raises(ValueError, match="residual reference attention"):
+            check_extensions(preset, own)
+    else:
+        check_extensions(preset, own)
 
 
 @pytest.mark.parametrize("method", NO_RRA_METHODS + ["eqdiff-no-fdte", "eqdiff-no-mgdp"])
