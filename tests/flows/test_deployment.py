@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import stop_group
 
 RUN_TIMEOUT_S = 600.0
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -26,17 +26,6 @@ def _start_worker(pool: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -90,7 +79,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
         assert run.state.is_completed(), f"{run.state}:\n{_tail(worker_log)}"
         assert run.work_pool_name == WORK_POOL and run.deployment_id == deployment.id
     finally:
-        _stop(worker)
+        stop_group(worker)
 
     record = json.loads((store / "runs" / "deploytest" / "run.json").read_text())
     assert record["status"] == {"red_ball": "done", "red_ball/textual-inversion": "done"}

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +80,7 @@ def served(prefect_server: str, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
                 time.sleep(0.5)
         yield deployment, log
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_group(process)
 
 
 def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, Path],
