@@ -67,7 +67,7 @@ class GraphedStep:
         if self.warm_steps >= CUDA_GRAPH_WARMUP_STEPS:
             try:
                 return self._capture(step, optimizer)
-            except Exception as err:  # noqa: BLE001 — any capture failure: continue eagerly
+            except Exception as err:  # any capture failure: continue eagerly
                 if self.mode == "on":
                     raise
                 optimizer.zero_grad(set_to_none=True)  # gradients the capture left
