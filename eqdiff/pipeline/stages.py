@@ -156,14 +156,26 @@ def class_priors(ctx: RunContext, class_noun: str, *, device: str = "cpu",
 def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, *,
           prior_prefix: str | None, device: str = "cpu",
           callbacks: Sequence[TrainingCallback] = ()) -> StageResult:
-    """Train one (subject, method) concept; resumes from the stored checkpoint if any."""
+    """Train one (subject, method) concept.
+
+    A training resumes from a stored checkpoint only if it was made under the same stage hash
+    (settings, base model, photos, masks and priors); checkpoints of anything else are ignored,
+    with a warning and an ``ignored_checkpoints`` entry in the result. Once the concept is
+    stored, the (subject, method)'s checkpoints are deleted.
+    """
     store = ctx.store()
     masks_record = require_done(store, keys.masks_prefix(ctx.run_id, subject),
                                 f"the masks of {subject!r}")
     digest = config_hash(training_hash(ctx.config, method), masks_record.config_hash,
                          prior_prefix or "")
+    checkpoints = keys.checkpoints_prefix(ctx.run_id, subject, method.name)
+    resume_key = keys.checkpoint_key(ctx.run_id, subject, method.name, digest)
 
     def work(scratch: Path) -> Produced:
+        stale = [key for key in store.list_keys(checkpoints + "/") if key != resume_key]
+        if stale:
+            logger.warning("%s/%s: not resuming from %d checkpoint(s) made for other settings or "
+                           "inputs: %s", subject, method.name, len(stale), ", ".join(stale))
         images, masks = subject_tensors(store, ctx.run_id, subject)
         priors = (prior_tensors(store, prior_prefix)
                   if prior_prefix and method.prior_preservation
@@ -171,23 +183,26 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
         data = ConceptData(subject, class_noun, images, masks, priors)
         components = load_sd_components(ctx.base_model,
                                         local_files_only=ctx.config.model.local_files_only)
-        checkpointer = StoreCheckpointer(
-            store, keys.checkpoint_key(ctx.run_id, subject, method.name),
-            scratch / "checkpoint", ctx.config.train.checkpoint_every)
+        checkpointer = StoreCheckpointer(store, resume_key, scratch / "checkpoint",
+                                         ctx.config.train.checkpoint_every)
         trained = train_concept(components, data, ctx.config, method, device=device,
                                 checkpointer=checkpointer, callbacks=callbacks,
                                 extensions=training_extensions(ctx.config.rra, method))
         folder = save_concept(scratch / "concept", trained.tensors, trained.metadata,
                               base_model=ctx.base_model)
         losses = trained.loss_history
-        return Produced(folder, {"steps": trained.metadata["steps"],
-                                 "resumed_from_step": trained.metadata["resumed_from_step"],
-                                 "seconds": trained.metadata["seconds"],
-                                 "first_loss": losses[0]["loss"] if losses else None,
-                                 "last_loss": losses[-1]["loss"] if losses else None})
+        facts = {"steps": trained.metadata["steps"],
+                 "resumed_from_step": trained.metadata["resumed_from_step"],
+                 "seconds": trained.metadata["seconds"],
+                 "first_loss": losses[0]["loss"] if losses else None,
+                 "last_loss": losses[-1]["loss"] if losses else None}
+        return Produced(folder, facts,
+                        returned={**facts, "ignored_checkpoints": stale} if stale else None)
 
-    return run_stage(store, keys.concept_prefix(ctx.run_id, subject, method.name), digest, work,
-                     name="train")
+    result = run_stage(store, keys.concept_prefix(ctx.run_id, subject, method.name), digest,
+                       work, name="train")
+    store.delete_prefix(checkpoints)  # the concept is stored: nothing is left to resume
+    return result
 
 
 def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject: Subject,

@@ -132,7 +132,7 @@ def artifact_key(kind: ArtifactKind, *, run_id: str | None = None, subject: str 
         run        runs/{run_id}/                                   name: run.json
         preprocess runs/{run_id}/subjects/{subject}/preprocess/     photos + manifest.json
         masks      runs/{run_id}/subjects/{subject}/masks/          {photo}.png, masks.json
-        checkpoint runs/{run_id}/checkpoints/{subject}/{method}/    last.pt (training resume)
+        checkpoint runs/{run_id}/checkpoints/{subject}/{method}/    {stage_hash}/last.pt (resume)
         concept    runs/{run_id}/concepts/{subject}/{method}/       concept.safetensors + .json
         samples    runs/{run_id}/samples/{subject}/{method}/        {prompt_idx:02d}_{k}.png
         scores     runs/{run_id}/scores/{subject}/{method}/         scores.parquet
@@ -190,10 +190,18 @@ def masks_prefix(run_id: str, subject: str) -> str:
     return artifact_key("masks", run_id=run_id, subject=subject)
 
 
-def checkpoint_key(run_id: str, subject: str, method: str) -> str:
-    """The training checkpoint a resumed run continues from."""
-    return artifact_key("checkpoint", run_id=run_id, subject=subject, method=method,
-                        name=CHECKPOINT_FILE)
+def checkpoints_prefix(run_id: str, subject: str, method: str) -> str:
+    """Every training checkpoint of one (subject, method), whatever its stage hash."""
+    return artifact_key("checkpoint", run_id=run_id, subject=subject, method=method)
+
+
+def checkpoint_key(run_id: str, subject: str, method: str, stage_hash: str) -> str:
+    """The checkpoint a training with this stage hash resumes from: keyed by everything that
+    determines the concept, so a checkpoint of other settings, photos, masks or priors is
+    never found, let alone resumed."""
+    if not _HASH_RE.fullmatch(stage_hash):
+        raise InvalidKeyError(f"stage_hash must be 8-128 lowercase hex digits, got {stage_hash!r}")
+    return join_key(checkpoints_prefix(run_id, subject, method), stage_hash, CHECKPOINT_FILE)
 
 
 def concept_prefix(run_id: str, subject: str, method: str) -> str:

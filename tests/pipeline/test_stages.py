@@ -23,7 +23,8 @@ from eqdiff.config import (
 from eqdiff.data.datasets import Subject, load_dataset
 from eqdiff.fixtures.demo_data import write_demo_dataset
 from eqdiff.pipeline import stages
-from eqdiff.pipeline.skeleton import RunContext
+from eqdiff.pipeline.skeleton import RunContext, StageFailed, UpstreamNotDone
+from eqdiff.store import keys
 from eqdiff.store.keys import MARKER_NAME
 
 METHOD = "custom-diffusion"
@@ -39,12 +40,11 @@ def subject(tmp_path_factory) -> Subject:
     return load_dataset(root).subjects[0]
 
 
-def context(folder: Path, tiny_zoo: dict, **train) -> RunContext:
+def context(folder: Path, tiny_zoo: dict, *, steps: int = 2) -> RunContext:
     config = RunConfig(
         model=ModelConfig(base_model=str(tiny_zoo["base"]), local_files_only=True),
         methods=(method_preset(METHOD),),
-        train=TrainConfig(resolution=64, steps=2, num_prior_images=2, checkpoint_every=1,
-                          **train),
+        train=TrainConfig(resolution=64, steps=steps, num_prior_images=2, checkpoint_every=1),
         sample=SampleConfig(resolution=64, steps=2, images_per_prompt=1),
         eval=EvalConfig(clip_model=str(tiny_zoo["clip"]), clip_pretrained="",
                         dino_model=str(tiny_zoo["dino"])),
@@ -121,3 +121,98 @@ def test_stages_write_markers_then_skip_and_redo_only_what_a_change_reaches(
     assert all(other[n].skipped for n in ("preprocess", "masks", "priors", "train"))
     assert not other["generate"].skipped and other["generate"].info["images"] == 2
     assert other["score"].info["scored"] == [METHOD]  # the real photos' scores stay
+
+
+class StopAtStep:
+    """A training callback that interrupts the run when ``step`` finishes (a lost worker)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        pass
+
+    def on_step(self, result, trainer) -> None:
+        if result.step == self.step:
+            raise KeyboardInterrupt(f"stopped at step {self.step}")
+
+    def on_end(self, trainer) -> None:
+        pass
+
+
+def prepared(folder: Path, tiny_zoo: dict, subject: Subject, *, steps: int) -> RunContext:
+    ctx = context(folder, tiny_zoo, steps=steps)
+    stages.preprocess(ctx, subject)
+    stages.extract_masks(ctx, subject)
+    return ctx
+
+
+def concept_tensors(ctx: RunContext, subject: Subject) -> dict:
+    from safetensors.torch import load
+
+    key = keys.concept_prefix(ctx.run_id, subject.name, METHOD) + "/concept.safetensors"
+    return load(ctx.store().get_bytes(key))
+
+
+def test_an_interrupted_training_resumes_from_its_stored_checkpoint(tmp_path, tiny_zoo, subject):
+    """Resume through the store equals an uninterrupted run, and leaves no checkpoint behind."""
+    import torch
+
+    method = method_preset(METHOD)
+    whole = prepared(tmp_path / "whole", tiny_zoo, subject, steps=3)
+    stages.train(whole, subject.name, subject.class_noun, method, prior_prefix=None)
+
+    ctx = prepared(tmp_path / "interrupted", tiny_zoo, subject, steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(ctx, subject.name, subject.class_noun, method, prior_prefix=None,
+                     callbacks=[StopAtStep(2)])
+    checkpoints = keys.checkpoints_prefix(ctx.run_id, subject.name, METHOD)
+    assert len(ctx.store().list_keys(checkpoints + "/")) == 1
+    resumed = stages.train(ctx, subject.name, subject.class_noun, method, prior_prefix=None)
+    assert resumed.info["resumed_from_step"] == 1 and resumed.info["steps"] == 3
+    assert ctx.store().list_keys(checkpoints + "/") == []
+    expected, got = concept_tensors(whole, subject), concept_tensors(ctx, subject)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_checkpoint_of_other_settings_is_never_resumed(tmp_path, tiny_zoo, subject):
+    """Rerunning a run id with other training settings starts afresh and says what it ignored
+    (it used to fail every concept on the old run's checkpoint)."""
+    method = method_preset(METHOD)
+    ctx = prepared(tmp_path / "store", tiny_zoo, subject, steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(ctx, subject.name, subject.class_noun, method, prior_prefix=None,
+                     callbacks=[StopAtStep(2)])
+    checkpoints = keys.checkpoints_prefix(ctx.run_id, subject.name, METHOD)
+    [left] = ctx.store().list_keys(checkpoints + "/")
+    longer = context(tmp_path / "store", tiny_zoo, steps=4)
+    result = stages.train(longer, subject.name, subject.class_noun, method, prior_prefix=None)
+    assert not result.skipped and result.info["resumed_from_step"] == 0
+    assert result.info["steps"] == 4 and result.info["ignored_checkpoints"] == [left]
+    assert ctx.store().list_keys(checkpoints + "/") == []
+    again = stages.train(longer, subject.name, subject.class_noun, method, prior_prefix=None)
+    assert again.skipped
+
+
+def test_a_stage_names_the_input_that_is_not_done(tmp_path, tiny_zoo, subject):
+    ctx = context(tmp_path / "store", tiny_zoo)
+    with pytest.raises(UpstreamNotDone, match="preprocess"):
+        stages.extract_masks(ctx, subject)
+    with pytest.raises(UpstreamNotDone, match="masks"):
+        stages.train(ctx, subject.name, subject.class_noun, ctx.config.method(METHOD),
+                     prior_prefix=None)
+    with pytest.raises(UpstreamNotDone, match="concept"):
+        stages.generate(ctx, never_called, subject, METHOD, ["a photo"])
+
+
+def test_a_subject_without_usable_photos_fails_and_leaves_no_marker(tmp_path, tiny_zoo):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for index in range(3):
+        (broken / f"{index:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    subject = Subject("broken", "cup", "object", tuple(sorted(broken.glob("*.jpg"))))
+    ctx = context(tmp_path / "store", tiny_zoo)
+    with pytest.raises(StageFailed, match="broken"):
+        stages.preprocess(ctx, subject)
+    assert ctx.store().list_keys(keys.preprocess_prefix(ctx.run_id, "broken")) == []

@@ -491,7 +491,9 @@ def test_the_pipeline_keys_keep_the_documented_layout() -> None:
     assert keys.run_record("r1") == f"{run}/run.json"
     assert keys.preprocess_prefix("r1", "red toy") == f"{run}/subjects/red%20toy/preprocess"
     assert keys.masks_prefix("r1", "dog") == f"{run}/subjects/dog/masks"
-    assert keys.checkpoint_key("r1", "dog", "eqdiff") == f"{run}/checkpoints/dog/eqdiff/last.pt"
+    assert keys.checkpoint_key("r1", "dog", "eqdiff", "0123abcd") == (
+        f"{run}/checkpoints/dog/eqdiff/0123abcd/last.pt")
+    assert keys.checkpoints_prefix("r1", "dog", "eqdiff") == f"{run}/checkpoints/dog/eqdiff"
     assert keys.concept_prefix("r1", "dog", "eqdiff") == f"{run}/concepts/dog/eqdiff"
     assert keys.samples_prefix("r1", "dog", "eqdiff") == f"{run}/samples/dog/eqdiff"
     assert keys.scores_key("r1", "dog", "eqdiff") == f"{run}/scores/dog/eqdiff/scores.parquet"
