@@ -56,13 +56,15 @@ class ComputePlan:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def remote_options(self) -> dict[str, float]:
-        """``ray.remote`` options of a heavy task. ``max_calls=0`` keeps a GPU task's worker
-        for later tasks, where Ray would start a new process for each (``max_calls=1``)."""
+    def remote_options(self, *, gpu: bool = True) -> dict:
+        """``ray.remote`` options of a task; ``gpu=False`` for a stage that runs no model on a
+        GPU (preprocessing, classic masks), which then holds no GPU. ``max_calls=0`` keeps a
+        GPU task's worker for later tasks, where Ray would start a new process for each
+        (``max_calls=1``)."""
         if self.target != "ray":
             return {}
         options = {"num_cpus": self.cpus_per_task}
-        if self.gpus_per_task:
+        if self.gpus_per_task and gpu:
             options["num_gpus"] = self.gpus_per_task
             if self.reuse_gpu_workers:
                 options["max_calls"] = 0

@@ -33,6 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
 from eqdiff.data.datasets import Dataset, Subject, load_dataset
 from eqdiff.data.images import jpeg_thumbnail
+from eqdiff.data.masks import LEARNED_EXTRACTORS
 from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ArtifactStore, keys, store_from_config
@@ -81,13 +82,21 @@ def _settle(futures: dict[str, PrefectFuture], stage: str) -> Outcome:
     return outcome
 
 
-def _submit(task: Any, plan: ComputePlan, **parameters: Any) -> PrefectFuture:
+def _submit(task: Any, plan: ComputePlan, *, gpu: bool = True, **parameters: Any
+            ) -> PrefectFuture:
+    """Submit ``task``; on Ray it asks for the plan's GPUs only when ``gpu`` (it runs a model)."""
     if plan.target == "ray":
         from prefect_ray.context import remote_options
 
-        with remote_options(**plan.remote_options()):
+        with remote_options(**plan.remote_options(gpu=gpu)):
             return task.submit(**parameters)
     return task.submit(**parameters)
+
+
+def masks_run_a_model(config: RunConfig) -> bool:
+    """Whether the mask stage runs a learned extractor (and so wants a GPU); GrabCut, alpha,
+    provided and full masks are CPU work."""
+    return config.masks.extractor in LEARNED_EXTRACTORS
 
 
 def _task_runner(plan: ComputePlan) -> Any:
@@ -105,10 +114,12 @@ def _task_runner(plan: ComputePlan) -> Any:
 def prepare_subjects(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) -> Outcome:
     """Preprocess then mask every subject; ``done`` holds the subjects ready to train."""
     outcome = Outcome()
-    prepared = _settle({s.name: _submit(stage_tasks.preprocess, plan, ctx=ctx, subject=s)
+    prepared = _settle({s.name: _submit(stage_tasks.preprocess, plan, gpu=False, ctx=ctx,
+                                         subject=s)
                         for s in subjects}, "preprocess")
     outcome.merge(prepared)
-    masked = _settle({s.name: _submit(stage_tasks.extract_masks, plan, ctx=ctx, subject=s)
+    masked = _settle({s.name: _submit(stage_tasks.extract_masks, plan,
+                                       gpu=masks_run_a_model(ctx.config), ctx=ctx, subject=s)
                       for s in subjects if s.name in prepared.done}, "masks")
     outcome.merge(masked)
     outcome.done = {k: v for k, v in outcome.done.items() if k in masked.done}

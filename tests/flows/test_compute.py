@@ -33,6 +33,20 @@ def test_a_shared_gpu_plan_asks_ray_for_the_fraction() -> None:
     assert ComputePlan("local").remote_options() == {}
 
 
+def test_only_stages_that_run_a_model_hold_a_gpu() -> None:
+    """Preprocessing and classic masks ask Ray for no GPU on a GPU cluster; learned masks do."""
+    from eqdiff.config import MaskConfig, RunConfig
+    from flows.customize import masks_run_a_model
+
+    plan = ComputePlan("ray", gpus_per_task=1.0, cluster_gpus=4.0)
+    assert plan.remote_options(gpu=False) == {"num_cpus": 1.0}
+    assert plan.remote_options()["num_gpus"] == 1.0
+    assert not masks_run_a_model(RunConfig())  # GrabCut by default
+    assert not masks_run_a_model(RunConfig(masks=MaskConfig(extractor="provided")))
+    assert masks_run_a_model(RunConfig(masks=MaskConfig(extractor="clipseg")))
+    assert masks_run_a_model(RunConfig(masks=MaskConfig(extractor="grounded-sam")))
+
+
 def test_gpus_per_subject_is_validated_and_does_not_change_the_run_id() -> None:
     assert CustomizeParams(gpus_per_subject=0.5).derived_run_id() == \
         CustomizeParams().derived_run_id()
@@ -112,12 +126,17 @@ for reuse in (False, True):
     def three_tasks() -> list[dict]:
         return [_submit(probe, plan).result() for _ in range(3)]  # one after another
 
+    @flow(task_runner=_task_runner(plan))
+    def cpu_task() -> dict:
+        return _submit(probe, plan, gpu=False).result()
+
     runs = three_tasks()
+    cpu_only = cpu_task() if reuse else None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not reuse and any(alive(r["pid"]) for r in runs):
         time.sleep(0.5)  # a finished worker of a one-call task is on its way out
     out[str(reuse)] = {"gpus_per_task": plan.gpus_per_task, "runs": runs,
-                       "alive": [alive(r["pid"]) for r in runs]}
+                       "alive": [alive(r["pid"]) for r in runs], "cpu_only": cpu_only}
 ray.shutdown()
 sys.stdout.write("PROBE " + json.dumps(out) + "\\n")
 """
@@ -144,4 +163,5 @@ def test_kept_gpu_workers_serve_later_tasks_and_ray_leaves_the_gpu_choice_to_the
         assert all(r["gpu"] == ["0"] and r["visible"] == "<unset>" for r in variant["runs"])
         assert all(r["device"] == "cpu" for r in variant["runs"])  # no CUDA on this machine
     assert len({r["pid"] for r in kept["runs"]}) == 1 and all(kept["alive"])
+    assert kept["cpu_only"]["gpu"] == [] and kept["cpu_only"]["device"] == "cpu"
     assert len({r["pid"] for r in fresh["runs"]}) == 3 and not any(fresh["alive"])

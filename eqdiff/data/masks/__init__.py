@@ -64,10 +64,11 @@ from eqdiff.data.masks.extractors import (
     keep_largest_components,
     settings_hash,
 )
-from eqdiff.data.masks.learned import ClipSegMask, GroundedSamMask
+from eqdiff.data.masks.learned import LEARNED_EXTRACTORS, ClipSegMask, GroundedSamMask
 from eqdiff.data.masks.preview import mask_iou, overlay, overlay_grid
 
 __all__ = [
+    "LEARNED_EXTRACTORS",
     "EMPTY_COVERAGE",
     "FULL_COVERAGE",
     "MASK_PNG_KEY",

@@ -129,3 +129,7 @@ class ClipSegMask:
         width, height = item.image.size
         heat = F.interpolate(heat, size=(height, width), mode="bilinear", align_corners=False)
         return (heat[0, 0] >= self.threshold).cpu().numpy()
+
+
+LEARNED_EXTRACTORS = frozenset({GroundedSamMask.name, ClipSegMask.name})
+"""The extractors that run a pretrained model (on a GPU when there is one)."""
