@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-import urllib.request
 from typing import Literal
 
 from eqdiff.store.errors import InvalidKeyError
