@@ -326,6 +326,14 @@ class StorageConfig:
     endpoint_url: str = _not_hashed("")
     region: str = _not_hashed("")
     cache_dir: str = _not_hashed("")  # local cache for S3 reads; default under the user cache
+    # S3 only: every request gets up to max_attempts tries on transient errors, each bounded by
+    # the connect and read timeouts; no new try starts that could end after deadline_s
+    max_attempts: int = _not_hashed(6)
+    connect_timeout_s: float = _not_hashed(5.0)
+    read_timeout_s: float = _not_hashed(30.0)
+    deadline_s: float = _not_hashed(120.0)
+    # a local folder that every node of a cluster mounts at the same path (NFS and the like)
+    shared: bool = _not_hashed(False)
 
     def __post_init__(self) -> None:
         _check(bool(self.url), "storage.url must not be empty")
@@ -335,6 +343,12 @@ class StorageConfig:
         _check(not self.endpoint_url or self.endpoint_url.startswith(("http://", "https://")),
                f"storage.endpoint_url must start with http:// or https://, got "
                f"{self.endpoint_url!r}")
+        _check(self.max_attempts >= 1, f"storage.max_attempts must be >= 1, got "
+               f"{self.max_attempts}")
+        for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+            value = getattr(self, name)
+            _check(value > 0 and math.isfinite(value),
+                   f"storage.{name} must be a positive number of seconds, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -25,28 +25,37 @@ from eqdiff.store.errors import (
     BucketNotFoundError,
     ChecksumMismatchError,
     InvalidKeyError,
+    PreconditionFailedError,
     StorageAccessError,
     StorageConfigError,
     StorageError,
+    StorageFullError,
+    StorageReadOnlyError,
     StorageUnavailableError,
+    is_transient,
 )
 from eqdiff.store.local import LocalStore
 from eqdiff.store.records import ObjectInfo, StageRecord
 
 __all__ = ["ArtifactNotFoundError", "ArtifactStore", "BucketNotFoundError",
            "ChecksumMismatchError", "InvalidKeyError", "LocalStore", "ObjectInfo",
-           "StageRecord", "StageWriter", "StorageAccessError", "StorageConfigError",
-           "StorageError", "StorageUnavailableError", "open_store", "store_from_config"]
+           "PreconditionFailedError", "StageRecord", "StageWriter", "StorageAccessError",
+           "StorageConfigError", "StorageError", "StorageFullError", "StorageReadOnlyError",
+           "StorageUnavailableError", "is_transient", "open_store", "store_from_config"]
 
 logger = logging.getLogger(__name__)
 
 
 def open_store(url: str, *, endpoint_url: str = "", region: str = "", cache_dir: str = "",
-               max_attempts: int = 4, connect_timeout: float = 5.0) -> ArtifactStore:
+               max_attempts: int = StorageConfig.max_attempts,
+               connect_timeout: float = StorageConfig.connect_timeout_s,
+               read_timeout: float = StorageConfig.read_timeout_s,
+               deadline: float = StorageConfig.deadline_s) -> ArtifactStore:
     """The store for ``url``: a folder path, ``file:///…`` or ``s3://bucket/prefix``.
 
-    ``endpoint_url``, ``region``, ``cache_dir``, ``max_attempts`` and ``connect_timeout`` apply
-    to S3 only. Nothing is contacted here; call :meth:`ArtifactStore.check` before work starts.
+    ``endpoint_url``, ``region``, ``cache_dir``, ``max_attempts`` and the timeouts (seconds)
+    apply to S3 only; :class:`eqdiff.store.s3.S3Store` says how they bound each call. Nothing is
+    contacted here; call :meth:`ArtifactStore.check` before work starts.
     """
     if not url:
         raise StorageConfigError("storage URL is empty; use a folder, file:///… or s3://bucket")
@@ -57,7 +66,8 @@ def open_store(url: str, *, endpoint_url: str = "", region: str = "", cache_dir:
 
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region,
                        cache_dir=cache_dir, max_attempts=max_attempts,
-                       connect_timeout=connect_timeout)
+                       connect_timeout=connect_timeout, read_timeout=read_timeout,
+                       deadline=deadline)
     if endpoint_url:
         logger.warning("storage.endpoint_url %s is ignored for the local store %s",
                        endpoint_url, url)
@@ -76,4 +86,6 @@ def open_store(url: str, *, endpoint_url: str = "", region: str = "", cache_dir:
 def store_from_config(settings: StorageConfig) -> ArtifactStore:
     """The store described by a :class:`eqdiff.config.StorageConfig`."""
     return open_store(settings.url, endpoint_url=settings.endpoint_url, region=settings.region,
-                      cache_dir=settings.cache_dir)
+                      cache_dir=settings.cache_dir, max_attempts=settings.max_attempts,
+                      connect_timeout=settings.connect_timeout_s,
+                      read_timeout=settings.read_timeout_s, deadline=settings.deadline_s)

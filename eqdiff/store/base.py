@@ -24,10 +24,11 @@ import hashlib
 import json
 import logging
 import mimetypes
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -70,9 +71,18 @@ def partial_path(dest: Path) -> Path:
 
 
 def discard(path: Path) -> None:
-    """Remove a temp file if it is there (its folder may not even exist)."""
-    with suppress(FileNotFoundError, NotADirectoryError):
+    """Remove a temp file if it is there (its folder may not even exist).
+
+    Never raises: it runs while another error is being handled (a full disk, a read-only
+    mount), and that error is the one to report. A temp file it cannot remove is logged; listings
+    skip such files anyway.
+    """
+    try:
         path.unlink()
+    except OSError as exc:  # missing (fine), or e.g. EROFS even for a file never created
+        if os.path.lexists(path):
+            logger.warning("could not remove the temp file %s (%s); delete it by hand", path,
+                           exc.strerror or exc)
 
 
 def copy_hashing(src: IO[bytes], dest: Path) -> str:
@@ -129,11 +139,17 @@ class ArtifactStore(ABC):
         """
 
     @abstractmethod
-    def url_for(self, key: str, *, expires_s: int = 7 * 24 * 3600) -> str:
+    def location(self, key: str) -> str:
+        """Where ``key`` lives, as an address that carries no credentials: ``file://…``
+        locally, ``s3://bucket/prefix/key`` on S3. Safe to log and to show in Prefect."""
+
+    @abstractmethod
+    def url_for(self, key: str, *, expires_s: int = 3600) -> str:
         """A URL a browser can open: ``file://`` locally, a presigned GET URL on S3.
 
-        A presigned URL carries the access key *id* (never the secret) and expires after
-        ``expires_s`` seconds (at most 7 days with SigV4).
+        A presigned URL carries the access key *id* (never the secret) and lets anyone who
+        has it read the object until it expires, after ``expires_s`` seconds (at most 7 days
+        with SigV4): hand it out only when asked, never put it in logs or Prefect artifacts.
         """
 
     @abstractmethod
@@ -147,6 +163,41 @@ class ArtifactStore(ABC):
     @abstractmethod
     def _delete(self, key: str) -> None:
         """Delete one key; a missing key is fine."""
+
+    # ---- conditional writes (the run lease, eqdiff.store.lease, is built on these)
+    #
+    # A version token is opaque: the sha256 of the content locally, the ETag on S3. Both follow
+    # the content, so writing the same bytes again keeps the token; put a nonce in the data when
+    # every write must be told apart. A request retried after a lost reply may report
+    # PreconditionFailedError for a write that did land; a nonce lets the caller recognise it.
+
+    @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> str:
+        """Store ``data`` under ``key`` only if no object has that key; return its version token.
+
+        Of callers racing to create one key, exactly one succeeds; the others get
+        :class:`~eqdiff.store.errors.PreconditionFailedError`.
+        """
+
+    @abstractmethod
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        """The object's content (checksum-verified) and its current version token."""
+
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, token: str) -> str:
+        """Replace the object only if its version token is still ``token``; return the new one.
+
+        Raises :class:`~eqdiff.store.errors.PreconditionFailedError` if the object changed or is
+        gone.
+        """
+
+    @abstractmethod
+    def delete_if(self, key: str, token: str) -> None:
+        """Delete the object only if its version token is still ``token``.
+
+        Raises :class:`~eqdiff.store.errors.PreconditionFailedError` if the object changed or is
+        gone.
+        """
 
     # ---- puts and gets built on the primitives
 

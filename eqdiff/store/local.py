@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from eqdiff.store.base import CHUNK, ArtifactStore, copy_hashing, discard, partial_path
 from eqdiff.store.errors import (
     ArtifactNotFoundError,
-    StorageAccessError,
+    PreconditionFailedError,
     StorageError,
-    StorageUnavailableError,
+    local_storage_error,
 )
 from eqdiff.store.keys import (
     MARKER_NAME,
@@ -35,13 +38,8 @@ class LocalStore(ArtifactStore):
         return self.root.joinpath(*validate_key(key).split("/"))
 
     def _error(self, exc: OSError, action: str, path: Path) -> StorageError:
-        if isinstance(exc, PermissionError):
-            return StorageAccessError(
-                f"{action} {path} failed: permission denied; check the folder's owner and "
-                f"permissions, or point storage.url elsewhere")
-        return StorageUnavailableError(
-            f"{action} {path} failed: {exc.strerror or exc}; check that storage.url "
-            f"({self.url}) names a folder that can be created and written")
+        """One line naming the path and the store's folder: full, read-only, denied or broken."""
+        return local_storage_error(exc, action, path, folder=self.root, setting="storage.url")
 
     def check(self) -> None:
         try:
@@ -110,7 +108,10 @@ class LocalStore(ArtifactStore):
             verify_sha256(str(path), sha256_file(path)[0], sha256)
         return path
 
-    def url_for(self, key: str, *, expires_s: int = 7 * 24 * 3600) -> str:
+    def location(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def url_for(self, key: str, *, expires_s: int = 3600) -> str:
         return self._path(key).as_uri()
 
     def _existing(self, key: str) -> Path:
@@ -151,3 +152,65 @@ class LocalStore(ArtifactStore):
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise self._error(exc, "deleting", path) from exc
+
+    # ---- conditional writes: one flock per key serialises them; the token is the sha256
+
+    def create_exclusive(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        with self._locked(path):
+            if path.exists():
+                raise PreconditionFailedError(f"{key!r} already exists in {self.url}")
+            return self._replace(key, data)
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, sha256_bytes(data)
+
+    def replace_if(self, key: str, data: bytes, token: str) -> str:
+        with self._locked(self._path(key)):
+            self._require_version(key, token)
+            return self._replace(key, data)
+
+    def delete_if(self, key: str, token: str) -> None:
+        with self._locked(self._path(key)):
+            self._require_version(key, token)
+            self._delete(key)
+
+    def _replace(self, key: str, data: bytes) -> str:
+        info = ObjectInfo(key, len(data), sha256_bytes(data))
+        self._write(key, data, info, "")
+        return info.sha256
+
+    def _require_version(self, key: str, token: str) -> None:
+        try:
+            current = sha256_bytes(self.get_bytes(key))
+        except ArtifactNotFoundError:
+            raise PreconditionFailedError(f"{key!r} is gone from {self.url} (expected version "
+                                          f"{token[:12]})") from None
+        if current != token:
+            raise PreconditionFailedError(f"{key!r} in {self.url} is at version {current[:12]}, "
+                                          f"not the expected {token[:12]}")
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        """Hold an exclusive flock on a hidden sibling of ``path`` for one conditional write.
+
+        Every conditional write of a key takes this lock, so each one's check and write happen
+        together. The lock file is left in place (deleting it would let two writers lock two
+        different files) and is never listed. flock excludes other processes and threads on
+        this machine; on Linux it works over NFS as well.
+        """
+        lock = path.with_name(f".{path.name}.lock{PARTIAL_SUFFIX}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._error(exc, "opening the lock file", lock) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise self._error(exc, "locking", lock) from exc
+            yield
+        finally:
+            os.close(fd)  # releases the lock

@@ -506,3 +506,12 @@ def test_the_pipeline_keys_keep_the_documented_layout() -> None:
         f"cache/features/0123456789abcdef/{sha}.safetensors")
     with pytest.raises(InvalidKeyError):
         keys.concept_prefix("r1", "../etc", "eqdiff")
+
+
+def test_s3_locations_carry_no_credentials_and_links_expire_within_an_hour(s3_bucket_url,
+                                                                            s3_endpoint):
+    store = open_store(s3_bucket_url, endpoint_url=s3_endpoint)
+    key = "runs/r1/report/report.html"
+    assert store.location(key) == f"{s3_bucket_url}/{key}"
+    link = store.url_for(key)
+    assert "X-Amz-Expires=3600" in link  # a presigned link only when asked, for one hour
