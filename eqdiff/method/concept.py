@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eqdiff.method.attention import KV_PREFIX, WeightHandle, write_kv_weights
@@ -31,10 +32,18 @@ RECORD_FILE = "concept.json"
 FORMAT = "eqdiff-concept"
 FORMAT_VERSION = 1
 KNOWN_PREFIXES = (TOKEN_PREFIX, KV_PREFIX, RRA_PREFIX)
+TOKEN_VECTORS = TOKEN_PREFIX + "vectors"
+REQUIRED_FIELDS = ("format", "base_model", "placeholder_token", "tensors_sha256", "tensor_names")
+"""The fields of ``concept.json`` that loading and applying a concept read."""
 
 
 class ConceptError(ValueError):
-    """A concept file is unreadable, unsafe, or does not fit the model it is loaded into."""
+    """A concept file is unreadable, unsafe, malformed, or does not fit the model it is loaded
+    into. The message is one line naming the file and the problem."""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 @dataclass
@@ -49,7 +58,7 @@ class Concept:
     @property
     def token_vector(self) -> torch.Tensor:
         """The inference token: S_LF + S_HF (or the single vector). Shape (D,)."""
-        return self.tensors[TOKEN_PREFIX + "vectors"].sum(dim=0)
+        return self.tensors[TOKEN_VECTORS].sum(dim=0)
 
     @property
     def content_hash(self) -> str:
@@ -80,7 +89,7 @@ def save_concept(folder: str | Path, tensors: dict[str, torch.Tensor], record: d
     unknown = [k for k in tensors if not k.startswith(KNOWN_PREFIXES)]
     if unknown:
         raise ConceptError(f"tensor names must start with one of {KNOWN_PREFIXES}: {unknown[:3]}")
-    if TOKEN_PREFIX + "vectors" not in tensors:
+    if TOKEN_VECTORS not in tensors:
         raise ConceptError("a concept needs its token vectors (eqdiff_token.vectors)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +105,12 @@ def save_concept(folder: str | Path, tensors: dict[str, torch.Tensor], record: d
 
 
 def load_concept(path: str | Path) -> Concept:
-    """Read a concept folder (or its ``.safetensors`` file, with the JSON beside it)."""
+    """Read a concept folder (or its ``.safetensors`` file, with the JSON beside it).
+
+    Raises :class:`ConceptError` naming the file for anything malformed: not safetensors or
+    truncated, JSON that does not parse or lacks :data:`REQUIRED_FIELDS`, tensors missing,
+    unexpected or of the wrong shape, or tensors that do not match the record's hash.
+    """
     path = Path(path)
     folder = path.parent if path.suffix else path
     tensors_path = path if path.suffix else folder / TENSORS_FILE
@@ -107,17 +121,53 @@ def load_concept(path: str | Path) -> Concept:
     if not tensors_path.is_file() or not record_path.is_file():
         raise ConceptError(f"{folder} is not a concept: it needs {TENSORS_FILE} and "
                            f"{RECORD_FILE}")
+    record = _read_record(record_path)
     try:
         tensors = load_file(tensors_path)
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConceptError(f"could not read concept {folder}: {err}") from err
-    if record.get("format") != FORMAT:
-        raise ConceptError(f"{record_path} is not an {FORMAT} record")
+    except (OSError, SafetensorError) as err:
+        raise ConceptError(f"{tensors_path}: not a readable safetensors file (truncated, damaged "
+                           f"or another format): {_one_line(err)}") from err
+    _check_tensors(tensors, record, tensors_path)
     if _tensors_digest(tensors) != record["tensors_sha256"]:
         raise ConceptError(f"{tensors_path} does not match the hash in {record_path}; the "
                            "files are corrupt or from different concepts")
     return Concept(tensors, record)
+
+
+def _read_record(record_path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise ConceptError(f"{record_path}: not readable JSON: {_one_line(err)}") from err
+    if not isinstance(record, dict):
+        raise ConceptError(f"{record_path}: holds a JSON {type(record).__name__}, not a concept "
+                           "record")
+    if record.get("format") != FORMAT:
+        raise ConceptError(f"{record_path} is not an {FORMAT} record")
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise ConceptError(f"{record_path}: missing required field(s) {', '.join(missing)}")
+    return record
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], record: dict[str, Any],
+                   tensors_path: Path) -> None:
+    names = set(tensors)
+    listed = set(record["tensor_names"])
+    if names != listed:
+        missing, extra = sorted(listed - names)[:3], sorted(names - listed)[:3]
+        raise ConceptError(f"{tensors_path}: tensors do not match {RECORD_FILE}'s tensor_names: "
+                           f"missing {missing}, unexpected {extra}")
+    if TOKEN_VECTORS not in tensors:
+        raise ConceptError(f"{tensors_path}: missing the token vectors ({TOKEN_VECTORS})")
+    unknown = sorted(k for k in tensors if not k.startswith(KNOWN_PREFIXES))
+    if unknown:
+        raise ConceptError(f"{tensors_path}: tensor names must start with one of "
+                           f"{KNOWN_PREFIXES}: {unknown[:3]}")
+    vectors = tensors[TOKEN_VECTORS]
+    if vectors.ndim != 2 or not 1 <= vectors.shape[0] <= 2 or not vectors.is_floating_point():
+        raise ConceptError(f"{tensors_path}: {TOKEN_VECTORS} must be 1 or 2 float rows "
+                           f"(n, D), got {vectors.dtype} {tuple(vectors.shape)}")
 
 
 @dataclass

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,11 +23,14 @@ from eqdiff.data.images import pil_to_tensor
 from eqdiff.data.masks import CachedMask, MaskCache, decode_mask_png, mask_to_tensor
 from eqdiff.data.preprocess import MANIFEST, SubjectManifest
 from eqdiff.evaluation.metrics import FeatureCache, GeneratedImage, RealImage
-from eqdiff.method.training import Checkpointer, ConceptTrainer
+from eqdiff.method.training import Checkpointer, CheckpointRejected, ConceptTrainer
 from eqdiff.store import ArtifactStore, keys
+from eqdiff.store.errors import ChecksumMismatchError
 from eqdiff.store.keys import join_key
 
 SAMPLES_RECORD = "samples.json"
+
+logger = logging.getLogger(__name__)
 
 
 def read_rgb(store: ArtifactStore, key: str) -> Image.Image:
@@ -139,16 +145,52 @@ def store_feature_cache(store: ArtifactStore) -> FeatureCache:
 
 class StoreCheckpointer(Checkpointer):
     """A :class:`Checkpointer` whose file also lives in the store, so a run resumes on any
-    worker after the one that trained it died."""
+    worker after the one that trained it died.
 
-    def __init__(self, store: ArtifactStore, key: str, folder: Path, every: int) -> None:
-        super().__init__(folder, every)
-        self.store, self.key = store, key
+    A stored checkpoint that cannot be resumed (see :class:`CheckpointRejected`; or its content
+    fails the store's checksum) does not fail the training: it is moved to
+    ``rejected_key(time)``, a warning names both keys and the reason, :attr:`rejected` records
+    it, and the training starts from step 0. ``key``'s folder holds the checkpoint alone
+    (:func:`eqdiff.store.keys.checkpoint_key`): moving it away deletes that folder.
+    """
+
+    def __init__(self, store: ArtifactStore, key: str, folder: Path, every: int, *, name: str,
+                 rejected_key: Callable[[str], str]) -> None:
+        super().__init__(folder, every, name=name)
+        self.store, self.key, self.rejected_key = store, key, rejected_key
+        self.rejected: list[dict[str, str | None]] = []
+
+    @property
+    def source(self) -> str:
+        return self.key
 
     def restore(self, trainer: ConceptTrainer) -> bool:
-        if self.store.exists(self.key):
+        if not self.store.exists(self.key):
+            return False
+        try:
             self.store.get_file(self.key, self.path)
-        return super().restore(trainer)
+            return super().restore(trainer)
+        except ChecksumMismatchError:
+            self._reject("its content does not match the checksum the store recorded for it")
+        except CheckpointRejected as rejected:
+            self._reject(rejected.reason)
+        return False
+
+    def _reject(self, reason: str) -> None:
+        """Take the checkpoint off the resume key, keeping a copy under its rejected key."""
+        if self.path.is_file():
+            moved_to = self.rejected_key(datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ"))
+            self.store.put_file(moved_to, self.path)
+            self.path.unlink()
+            self.store.delete_prefix(self.key.rsplit("/", 1)[0])
+            logger.warning("%s: checkpoint %s cannot be resumed: %s. Moved it to %s; training "
+                           "starts from step 0.", self.name, self.key, reason, moved_to)
+        else:  # the store hands out no content that fails its checksum: nothing to copy
+            moved_to = None
+            logger.warning("%s: checkpoint %s cannot be resumed: %s. It cannot be read to keep "
+                           "a copy, so it stays until this training's first checkpoint replaces "
+                           "it; training starts from step 0.", self.name, self.key, reason)
+        self.rejected.append({"key": self.key, "moved_to": moved_to, "reason": reason})
 
     def save(self, trainer: ConceptTrainer) -> None:
         super().save(trainer)

@@ -96,13 +96,14 @@ def unescape_segment(segment: str) -> str:
     return urllib.parse.unquote(segment, errors="strict")
 
 
-ArtifactKind = Literal["run", "preprocess", "masks", "checkpoint", "concept", "samples", "scores",
-                       "report", "mask", "prior", "features"]
+ArtifactKind = Literal["run", "ingest", "input", "preprocess", "masks", "checkpoint", "concept",
+                       "samples", "scores", "report", "mask", "prior", "features"]
 
 # The storage layout (docs/design.md). Every prefix is a stage prefix: its marker lives at
 # {prefix}/_SUCCESS.json. Placeholders are filled by artifact_key.
 LAYOUT: dict[str, tuple[str, ...]] = {
     "run": ("runs", "{run_id}"),
+    "ingest": ("runs", "{run_id}", "subjects", "{subject}", "ingest"),
     "preprocess": ("runs", "{run_id}", "subjects", "{subject}", "preprocess"),
     "masks": ("runs", "{run_id}", "subjects", "{subject}", "masks"),
     "checkpoint": ("runs", "{run_id}", "checkpoints", "{subject}", "{method}"),
@@ -110,6 +111,7 @@ LAYOUT: dict[str, tuple[str, ...]] = {
     "samples": ("runs", "{run_id}", "samples", "{subject}", "{method}"),
     "scores": ("runs", "{run_id}", "scores", "{subject}", "{method}"),
     "report": ("runs", "{run_id}", "report"),
+    "input": ("inputs", "{content_hash}"),
     "mask": ("cache", "masks", "{content_hash}"),
     "prior": ("cache", "priors", "{class_name}", "{content_hash}"),
     "features": ("cache", "features", "{content_hash}"),
@@ -117,6 +119,7 @@ LAYOUT: dict[str, tuple[str, ...]] = {
 _HASH_RE = re.compile(r"[0-9a-f]{8,128}")
 
 RUN_RECORD = "run.json"
+RUN_LEASE = "_LEASE.json"
 CHECKPOINT_FILE = "last.pt"
 SCORES_FILE = "scores.parquet"
 
@@ -129,6 +132,7 @@ def artifact_key(kind: ArtifactKind, *, run_id: str | None = None, subject: str 
     Layout, relative to the store's root::
 
         run        runs/{run_id}/                                   name: run.json
+        ingest     runs/{run_id}/subjects/{subject}/ingest/         subject.json (what was copied)
         preprocess runs/{run_id}/subjects/{subject}/preprocess/     photos + manifest.json
         masks      runs/{run_id}/subjects/{subject}/masks/          {photo}.png, masks.json
         checkpoint runs/{run_id}/checkpoints/{subject}/{method}/    {stage_hash}/last.pt (resume)
@@ -136,6 +140,8 @@ def artifact_key(kind: ArtifactKind, *, run_id: str | None = None, subject: str 
         samples    runs/{run_id}/samples/{subject}/{method}/        {prompt_idx:02d}_{k}.png
         scores     runs/{run_id}/scores/{subject}/{method}/         scores.parquet
         report     runs/{run_id}/report/                            report.html, plots/x.png, ...
+        input      inputs/{content_hash}/                           original{.suffix}: a photo or
+                                                                    mask as the dataset had it
         mask       cache/masks/{content_hash}/                      {extractor}-{settings}.png
         prior      cache/priors/{class_name}/{content_hash}/        class-prior images
         features   cache/features/{content_hash}/                   {image_sha256}.safetensors
@@ -176,9 +182,28 @@ def run_record(run_id: str) -> str:
     return artifact_key("run", run_id=run_id, name=RUN_RECORD)
 
 
+def run_lease(run_id: str) -> str:
+    """``_LEASE.json``: who runs this run id now, until when (:mod:`eqdiff.store.lease`)."""
+    return artifact_key("run", run_id=run_id, name=RUN_LEASE)
+
+
 def scores_root(run_id: str) -> str:
     """The folder holding every (subject, method) score stage of a run."""
     return join_key(run_prefix(run_id), "scores")
+
+
+def ingest_prefix(run_id: str, subject: str) -> str:
+    """The copy of a subject's dataset entry (photos, masks, class, prompts) the run reads."""
+    return artifact_key("ingest", run_id=run_id, subject=subject)
+
+
+def input_key(content_sha: str, suffix: str) -> str:
+    """A dataset file copied into the store, by the sha256 of its bytes: a photo shared by
+    several runs or subjects is stored once. ``suffix`` keeps its type (``.jpg``, ``.png``)."""
+    if suffix and not re.fullmatch(r"\.[a-z0-9]{1,8}", suffix):
+        raise InvalidKeyError(f"suffix must be a dot and 1-8 lowercase letters or digits, got "
+                              f"{suffix!r}")
+    return artifact_key("input", content_hash=content_sha, name=f"original{suffix}")
 
 
 def preprocess_prefix(run_id: str, subject: str) -> str:
@@ -201,6 +226,19 @@ def checkpoint_key(run_id: str, subject: str, method: str, stage_hash: str) -> s
     if not _HASH_RE.fullmatch(stage_hash):
         raise InvalidKeyError(f"stage_hash must be 8-128 lowercase hex digits, got {stage_hash!r}")
     return join_key(checkpoints_prefix(run_id, subject, method), stage_hash, CHECKPOINT_FILE)
+
+
+def rejected_checkpoint_key(run_id: str, subject: str, method: str, stage_hash: str,
+                            rejected_at: str) -> str:
+    """Where the checkpoint at :func:`checkpoint_key` is moved, for inspection, when it cannot
+    be resumed: ``runs/{run}/rejected/checkpoints/{subject}/{method}/{stage_hash}/
+    {rejected_at}-last.pt``. Outside :func:`checkpoints_prefix`, so it is never resumed nor
+    listed among the ignored checkpoints, and it outlives their deletion."""
+    if not _HASH_RE.fullmatch(stage_hash):
+        raise InvalidKeyError(f"stage_hash must be 8-128 lowercase hex digits, got {stage_hash!r}")
+    return join_key(run_prefix(run_id), "rejected", "checkpoints", safe_segment(subject),
+                    safe_segment(method), stage_hash,
+                    safe_segment(f"{rejected_at}-{CHECKPOINT_FILE}"))
 
 
 def concept_prefix(run_id: str, subject: str, method: str) -> str:

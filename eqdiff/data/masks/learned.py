@@ -21,13 +21,18 @@ from eqdiff.data.masks.extractors import MaskInput, MaskUnavailable
 def load_pretrained(processor_class: Any, model_class: Any, source: str, what: str, *,
                     device: str, local_files_only: bool) -> tuple[Any, Any]:
     """``(processor, model)`` from ``source`` by their classes' ``from_pretrained``; the model on
-    ``device`` in eval mode. ``what`` names them in errors ("no SAM processor configured")."""
+    ``device`` in eval mode. ``what`` names them in errors ("no SAM processor configured").
+
+    Model weights are read from safetensors files only (``use_safetensors=True``): a folder or
+    hub repo with only pickled weights is refused, since unpickling can run code."""
     if not source:
         raise ValueError(f"no {what} processor configured: set a local path or hub id")
     loaded = []
-    for part, loader in (("processor", processor_class), ("model", model_class)):
+    for part, loader, options in (("processor", processor_class, {}),
+                                  ("model", model_class, {"use_safetensors": True})):
         try:
-            loaded.append(loader.from_pretrained(source, local_files_only=local_files_only))
+            loaded.append(loader.from_pretrained(source, local_files_only=local_files_only,
+                                                 **options))
         except (OSError, ValueError) as error:
             raise ValueError(f"could not load the {what} {part} from {source!r} (a local folder "
                              "or a hub id already in the local cache; downloads may be off): "

@@ -5,7 +5,8 @@
 - :mod:`~eqdiff.method.training.graphed` — the step captured and replayed as a CUDA graph;
 - :mod:`~eqdiff.method.training.extensions` — the :class:`TrainingExtension` seam and the
   trainer's own extensions (Custom-Diffusion K/V, the cross-attention mask loss);
-- :mod:`~eqdiff.method.training.checkpoint` — :class:`Checkpointer` and :func:`training_hash`;
+- :mod:`~eqdiff.method.training.checkpoint` — :class:`Checkpointer`, :func:`read_checkpoint`,
+  :class:`CheckpointRejected` and :func:`training_hash`;
 - :mod:`~eqdiff.method.training.callbacks` — :class:`TrainingCallback`, :class:`StepResult`,
   :class:`ProgressBar`;
 - :mod:`~eqdiff.method.training.batch` — :class:`ConceptData` and the per-step batches;
@@ -14,7 +15,12 @@
 
 from eqdiff.method.training.batch import STEP_INPUTS, ConceptData, StepBatch, StepDraws
 from eqdiff.method.training.callbacks import ProgressBar, StepResult, TrainingCallback
-from eqdiff.method.training.checkpoint import Checkpointer, training_hash
+from eqdiff.method.training.checkpoint import (
+    Checkpointer,
+    CheckpointRejected,
+    read_checkpoint,
+    training_hash,
+)
 from eqdiff.method.training.extensions import (
     EXTENSION_SWITCHES,
     CrossAttentionLossExtension,
@@ -34,6 +40,7 @@ __all__ = [
     "EXTENSION_SWITCHES",
     "INSTANCE_PROMPT",
     "STEP_INPUTS",
+    "CheckpointRejected",
     "Checkpointer",
     "ConceptData",
     "ConceptTrainer",
@@ -52,6 +59,7 @@ __all__ = [
     "check_extensions",
     "cuda_graph_mode",
     "frozen_weight_dtype",
+    "read_checkpoint",
     "train_concept",
     "training_hash",
 ]

@@ -55,7 +55,8 @@ def train_concept(components: SDComponents, data: ConceptData, config: RunConfig
                              extensions=extensions)
     callbacks = list(callbacks)
     if checkpointer is None and checkpoint_dir is not None:
-        checkpointer = Checkpointer(checkpoint_dir, config.train.checkpoint_every)
+        checkpointer = Checkpointer(checkpoint_dir, config.train.checkpoint_every,
+                                    name=f"{data.subject}/{method.name}")
     if checkpointer is not None:
         checkpointer.restore(trainer)
         callbacks.append(checkpointer)

@@ -367,6 +367,12 @@ class ConceptTrainer:
             raise ValueError(f"checkpoint was made with another configuration "
                              f"({state['training_hash']} != {expected}); not resuming from it")
         learned = state["learned"]
+        shapes = {name: tuple(t.shape) for name, t in self.learned_tensors().items()}
+        found = {name: tuple(t.shape) for name, t in learned.items()}
+        if found != shapes:  # copying in would broadcast a wrong shape without a word
+            odd = sorted(n for n in shapes.keys() | found.keys() if shapes.get(n) != found.get(n))
+            raise ValueError(f"the checkpoint's learned tensors are not this training's (names "
+                             f"or shapes differ: {odd[:3]})")
         with torch.no_grad():
             self.embeddings.vectors.copy_(learned["eqdiff_token.vectors"])
         for extension in self.extensions:
