@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
 
         server = ensure_server()
         logger.info("Prefect UI: %s", server.ui_url)
+    from flows.compute import STAGE_LOGGERS
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
     from flows.customize import customize_dataset
 
     state = customize_dataset(params, return_state=True)
@@ -83,7 +87,7 @@ def _summarise(record: dict) -> int:
     for key, status in failed.items():
         logger.error("  %s — %s", key, status.removeprefix("failed: "))
     if record.get("report"):
-        logger.info("report: %s", record["report"]["url"])
+        logger.info("report: %s", record["report"]["location"])
     return 1 if failed and len(failed) == len(record["status"]) else 0
 
 
@@ -114,12 +118,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import webbrowser
 
     from eqdiff.evaluation.scores import rebuild_report
-    from eqdiff.store import open_store
+    from eqdiff.store import keys, open_store
 
     out = Path(args.out or Path("artifacts") / "reports" / args.run_id)
-    page = rebuild_report(open_store(args.store, endpoint_url=args.endpoint_url), args.run_id,
-                          out)
+    store = open_store(args.store, endpoint_url=args.endpoint_url)
+    page = rebuild_report(store, args.run_id, out)
     logger.info("report: %s (also stored under runs/%s/report/)", page.resolve(), args.run_id)
+    if args.link:
+        key = keys.join_key(keys.report_prefix(args.run_id), page.name)
+        until = datetime.now(UTC) + timedelta(seconds=args.link)
+        logger.info("link to the stored report, valid for %d s (until %s UTC); anyone who has "
+                    "it can read the report until then: %s", args.link,
+                    until.strftime("%Y-%m-%d %H:%M"), store.url_for(key, expires_s=args.link))
     if args.open:
         webbrowser.open(page.resolve().as_uri())
     return 0
@@ -181,15 +191,19 @@ def _cmd_toyworld_benchmark(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- server
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from flows.server import DEFAULT_HOME, ensure_server, healthy, stop_server
+    from flows.server import DEFAULT_HOME, ensure_server, healthy, local_api_url, stop_server
 
     if args.action == "start":
-        server = ensure_server(port=args.port)
+        database_url = args.database_url or os.environ.get("EQDIFF_PREFECT_DATABASE_URL", "")
+        server = ensure_server(port=args.port, host=args.host,
+                               advertise_url=args.advertise_url or None,
+                               database_url=database_url or None)
         logger.info("Prefect server: %s (UI %s)", server.api_url, server.ui_url)
+        logger.info("flows and workers use it with: export PREFECT_API_URL=%s", server.api_url)
     elif args.action == "stop":
         logger.info("stopped" if stop_server(DEFAULT_HOME) else "no server started by eqdiff")
     else:
-        url = f"http://127.0.0.1:{args.port}/api"
+        url = local_api_url(args.host, args.port)
         logger.info("%s: %s", url, "healthy" if healthy(url) else "not answering")
     return 0
 
@@ -300,11 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="", help="local folder for the report files "
                                                   "(default artifacts/reports/RUN)")
     report.add_argument("--open", action="store_true", help="open report.html in a browser")
+    report.add_argument("--link", type=int, default=0, metavar="SECONDS",
+                        help="also print a link to the stored report that a browser can open "
+                             "(presigned on S3) and that expires after SECONDS (max 604800)")
     report.set_defaults(handler=_cmd_report)
 
-    server = commands.add_parser("server", help="the local Prefect server (127.0.0.1, SQLite)")
+    server = commands.add_parser(
+        "server", help="a Prefect server: local (127.0.0.1, SQLite) or shared (0.0.0.0, Postgres)",
+        description="Starts, stops or checks a Prefect server run from the Prefect home "
+                    "~/.eqdiff/prefect. Bound to 0.0.0.0 it advertises an API URL other "
+                    "machines can reach; 'start' prints the PREFECT_API_URL workers should use.")
     server.add_argument("action", choices=["start", "stop", "status"])
     server.add_argument("--port", type=int, default=4200)
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind: 0.0.0.0 lets other machines reach the server")
+    server.add_argument("--advertise-url", default="",
+                        help="the API URL other machines use, e.g. http://head-node:4200/api "
+                             "(default with --host 0.0.0.0: this machine's primary IPv4 address)")
+    server.add_argument("--database-url", default="",
+                        help="keep the server's state in this database, e.g. "
+                             "postgresql+asyncpg://user:PASSWORD@db:5432/prefect (default: "
+                             "$EQDIFF_PREFECT_DATABASE_URL, else SQLite in the Prefect home); "
+                             "prefer the variable: a command line is visible to other users")
     server.set_defaults(handler=_cmd_server)
 
     deploy = commands.add_parser(
