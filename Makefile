@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.eqdiff-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test test-all lint clean
+.PHONY: setup browser postgres demo test test-all test-operations lint clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,20 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not cluster and not operations" $(PYTEST_ARGS)
 
 test-all: $(STAMP) browser
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not cluster and not operations" $(PYTEST_ARGS)
+
+# PostgreSQL server binaries (Debian package) for the `cluster` tests' Prefect server.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# Operations: a multi-node Ray cluster (`ray start`), PostgreSQL, a Prefect server and moto on
+# this machine; interrupted and killed runs, lost Ray workers, a server on all interfaces.
+test-operations: $(STAMP) postgres
+	$(BIN)/python -m pytest -m "cluster or operations" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -92,6 +92,7 @@ def direct_stages(params: Any) -> dict[str, bool]:
         resolve_dataset,
         resolve_models,
         select_subjects,
+        subject_prompt_set,
     )
 
     models = resolve_models(params, DEFAULT_WORKDIR)
@@ -105,8 +106,9 @@ def direct_stages(params: Any) -> dict[str, bool]:
     subjects, _ = select_subjects(dataset, params.subjects)
     skipped: dict[str, bool] = {}
     for subject in subjects:
-        stages.preprocess(ctx, subject)
-        stages.extract_masks(ctx, subject)
+        stages.ingest(ctx, subject, subject_prompt_set(dataset, subject, params))
+        stages.preprocess(ctx, subject.name)
+        stages.extract_masks(ctx, subject.name)
     priors = {c: stages.class_priors(ctx, c).prefix
               for c in sorted({s.class_noun for s in subjects})
               if any(m.prior_preservation for m in config.methods)}
@@ -130,9 +132,9 @@ def direct_stages(params: Any) -> dict[str, bool]:
     for subject in subjects:
         prompts = evaluation_prompts(dataset, subject, params, config)
         for method in config.methods:
-            stages.generate(ctx, generator, subject, method.name, prompts)
+            stages.generate(ctx, generator, subject.name, method.name, prompts)
     for subject in subjects:
-        stages.score(ctx, scorers, subject, [m.name for m in config.methods])
+        stages.score(ctx, scorers, subject.name, [m.name for m in config.methods])
     stages.report(ctx)
     return skipped
 

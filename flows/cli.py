@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -66,18 +67,36 @@ def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
 
         server = ensure_server()
         logger.info("Prefect UI: %s", server.ui_url)
-    from flows.compute import STAGE_LOGGERS
+    from tasks.logs import STAGE_LOGGERS
 
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", STAGE_LOGGERS)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))
     from flows.customize import customize_dataset
 
-    state = customize_dataset(params, return_state=True)
+    try:
+        state = customize_dataset(params, return_state=True)
+    finally:
+        _stop_ray()  # interrupted or not: no Ray process of ours outlives the command
     record = state.result()
     flow_run_id = state.state_details.flow_run_id
     api = os.environ.get("PREFECT_API_URL", "")
     if api and flow_run_id:
         logger.info("flow run: %s/runs/flow-run/%s", api.removesuffix("/api"), flow_run_id)
     return record
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a local instance this process started stops with it."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a container stop, a process manager) ends a run as Ctrl-C does: Prefect marks
+    its flow and task runs Crashed and the local Ray instance is stopped."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _summarise(record: dict) -> int:
@@ -426,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for chatty in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    return args.handler(args)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted: the run's flow and task runs are marked Crashed; run the "
+                     "same command again to continue where it stopped")
+        return 130
 
 
 if __name__ == "__main__":

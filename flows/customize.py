@@ -13,12 +13,15 @@ subject that fails is recorded with its reason and the others go on.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -28,16 +31,21 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
 from eqdiff.data.datasets import Dataset, Subject, load_dataset
 from eqdiff.data.images import jpeg_thumbnail
 from eqdiff.data.masks import LEARNED_EXTRACTORS
+from eqdiff.data.prompts import PromptSet
 from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
 from eqdiff.pipeline.skeleton import RunContext
-from eqdiff.store import ArtifactStore, keys, store_from_config
-from flows.compute import ComputePlan, plan_compute
+from eqdiff.store import ArtifactStore, StorageError, keys, store_from_config
+from eqdiff.store.errors import is_transient
+from eqdiff.store.lease import LeaseLostError, default_holder, hold_lease
+from flows.compute import ComputePlan, check_topology, plan_compute
+from flows.interrupts import crash_open_task_runs, crash_orphaned_runs
 from flows.params import CustomizeParams
 from tasks import stages as stage_tasks
 
@@ -68,18 +76,42 @@ def _error_text(error: BaseException) -> str:
 
 
 def _settle(futures: dict[str, PrefectFuture], stage: str) -> Outcome:
-    """Wait for ``futures`` (with a progress artifact); failures keep their reason."""
+    """Wait for ``futures`` (with a progress artifact); failures keep their reason.
+
+    A task whose Ray worker or node was lost after its last retry comes back as a crashed
+    state (Ray's error as the reason); its task run, which the dead worker left Running, is
+    marked Crashed too, and the other units go on."""
     outcome = Outcome()
     progress = create_progress_artifact(0.0, description=f"{stage}: {len(futures)} item(s)")
     for index, (key, future) in enumerate(futures.items(), start=1):
+        future.wait()
         result = future.result(raise_on_failure=False)
         if isinstance(result, BaseException):
-            outcome.failed[key] = f"{stage}: {_error_text(result)}"
-            get_run_logger().error("%s %s failed: %s", stage, key, _error_text(result))
+            reason = _error_text(result)
+            if future.state.is_crashed():
+                reason = f"lost its worker: {reason}"
+                _mark_crashed(future, reason)
+            outcome.failed[key] = f"{stage}: {reason}"
+            get_run_logger().error("%s %s failed: %s", stage, key, reason)
         else:
             outcome.done[key] = {stage: result}
         update_progress_artifact(progress, 100.0 * index / max(len(futures), 1))
     return outcome
+
+
+def _mark_crashed(future: PrefectFuture, reason: str) -> None:
+    """Record in Prefect that a task run's worker died (it cannot say so itself)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.set_task_run_state(future.task_run_id, Crashed(message=reason), force=True)
+        except (ObjectNotFound, PrefectHTTPStatusError) as error:
+            # the worker died before the server heard of its task run: nothing is left Running
+            if getattr(getattr(error, "response", None), "status_code", 404) != 404:
+                raise
 
 
 def _submit(task: Any, plan: ComputePlan, *, gpu: bool = True, **parameters: Any
@@ -110,23 +142,38 @@ def _task_runner(plan: ComputePlan) -> Any:
 # --------------------------------------------------------------------------- stage subflows
 # Parameters are our own frozen records: Prefect must pass them through, not re-validate them.
 
-@flow(name="prepare-subjects", validate_parameters=False)
-def prepare_subjects(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) -> Outcome:
-    """Preprocess then mask every subject; ``done`` holds the subjects ready to train."""
+@flow(name="prepare-subjects", validate_parameters=False, on_crashed=[crash_open_task_runs])
+def prepare_subjects(ctx: RunContext, subjects: list[Subject], prompt_sets: dict[str, PromptSet],
+                     plan: ComputePlan) -> Outcome:
+    """Ingest, preprocess then mask every subject; ``done`` holds the subjects ready to train.
+
+    Ingest runs here, in the flow's own process, which has just read the dataset: it is the
+    only step that opens dataset files. Everything after it reads the store's copy, on
+    whichever node Ray places it."""
     outcome = Outcome()
-    prepared = _settle({s.name: _submit(stage_tasks.preprocess, plan, gpu=False, ctx=ctx,
-                                         subject=s)
-                        for s in subjects}, "preprocess")
+    ingested = Outcome()
+    for s in subjects:
+        state = stage_tasks.ingest(ctx, s, prompt_sets[s.name], return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            ingested.failed[s.name] = f"ingest: {_error_text(result)}"
+            get_run_logger().error("ingest %s failed: %s", s.name, _error_text(result))
+        else:
+            ingested.done[s.name] = {"ingest": result}
+    outcome.merge(ingested)
+    prepared = _settle({name: _submit(stage_tasks.preprocess, plan, gpu=False, ctx=ctx,
+                                      subject=name)
+                        for name in ingested.done}, "preprocess")
     outcome.merge(prepared)
-    masked = _settle({s.name: _submit(stage_tasks.extract_masks, plan,
-                                       gpu=masks_run_a_model(ctx.config), ctx=ctx, subject=s)
-                      for s in subjects if s.name in prepared.done}, "masks")
+    masked = _settle({name: _submit(stage_tasks.extract_masks, plan,
+                                    gpu=masks_run_a_model(ctx.config), ctx=ctx, subject=name)
+                      for name in prepared.done}, "masks")
     outcome.merge(masked)
     outcome.done = {k: v for k, v in outcome.done.items() if k in masked.done}
     return outcome
 
 
-@flow(name="train-concepts", validate_parameters=False)
+@flow(name="train-concepts", validate_parameters=False, on_crashed=[crash_open_task_runs])
 def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) -> Outcome:
     """Class priors once per class, then one concept per (subject, method)."""
     methods: tuple[MethodConfig, ...] = ctx.config.methods
@@ -150,24 +197,25 @@ def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) 
     return outcome
 
 
-@flow(name="generate-images", validate_parameters=False)
+@flow(name="generate-images", validate_parameters=False, on_crashed=[crash_open_task_runs])
 def generate_images(ctx: RunContext, pairs: list[tuple[Subject, str]],
                     prompts: dict[str, list[str]], plan: ComputePlan) -> Outcome:
     """Images for every trained (subject, method), ``images_per_prompt`` per prompt."""
-    futures = {f"{s.name}/{m}": _submit(stage_tasks.generate_samples, plan, ctx=ctx, subject=s,
-                                        method=m, prompts=prompts[s.name]) for s, m in pairs}
+    futures = {f"{s.name}/{m}": _submit(stage_tasks.generate_samples, plan, ctx=ctx,
+                                        subject=s.name, method=m, prompts=prompts[s.name])
+               for s, m in pairs}
     outcome = Outcome()
     outcome.merge(_settle(futures, "generate"))
     return outcome
 
 
-@flow(name="evaluate", validate_parameters=False)
+@flow(name="evaluate", validate_parameters=False, on_crashed=[crash_open_task_runs])
 def evaluate(ctx: RunContext, methods_by_subject: dict[str, tuple[Subject, list[str]]],
              plan: ComputePlan) -> Outcome:
     """CLIP-I, CLIP-T and DINO per subject (real-image features once per subject)."""
-    futures = {name: _submit(stage_tasks.score_subject, plan, ctx=ctx, subject=subject,
+    futures = {name: _submit(stage_tasks.score_subject, plan, ctx=ctx, subject=name,
                              methods=methods)
-               for name, (subject, methods) in methods_by_subject.items()}
+               for name, (_, methods) in methods_by_subject.items()}
     outcome = Outcome()
     outcome.merge(_settle(futures, "score"))
     return outcome
@@ -197,7 +245,15 @@ def select_subjects(dataset: Dataset, wanted: Iterable[str]
     return [known[name] for name in wanted if name in known], unknown
 
 
-@flow(name="customize-dataset")
+def _flow_run_name() -> str:
+    """A customize run's flow run is named after its run id (found again by it)."""
+    params = flow_run.get_parameters().get("params")
+    if isinstance(params, dict):
+        params = CustomizeParams(**params)
+    return (params or CustomizeParams()).derived_run_id()
+
+
+@flow(name="customize-dataset", flow_run_name=_flow_run_name, on_crashed=[crash_open_task_runs])
 def customize_dataset(params: CustomizeParams | None = None) -> dict:
     """Customize every subject of a dataset with every method, then evaluate and report."""
     params = params or CustomizeParams()
@@ -218,13 +274,54 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
         log.warning("dataset: %s", problem.message)
     subjects, unknown = select_subjects(dataset, params.subjects)
     plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject,
-                        reuse_gpu_workers=params.reuse_gpu_workers)
+                        reuse_gpu_workers=params.reuse_gpu_workers,
+                        expect_gpus=params.expect_gpus,
+                        lost_worker_retries=params.lost_worker_retries)
+    check_topology(plan, config.storage)
     ctx = RunContext(run_id, config)
     log.info("run %s: %d subjects × %d methods on %s", run_id, len(subjects),
              len(config.methods), plan.target)
+    holder = default_holder(f"flow run {flow_run.get_id()}")
+    with hold_lease(store, keys.run_lease(run_id), holder) as lease:
+        crash_orphaned_runs(run_id, UUID(flow_run.get_id()), holder)
+        run = run_stages(ctx, dataset, subjects, params, plan)
+        run.failed.update(unknown)
+        if lease.lost:
+            raise LeaseLostError(f"run {run_id}: this run lost its lease on "
+                                 f"{keys.run_lease(run_id)} (it stalled past the lease's "
+                                 "expiry and another run may have taken over); its run record "
+                                 "is not written: check that run, then rerun this one")
+        record = run_record(run_id, params, config, dataset, run, base_model, metric_models)
+        record["record_at"] = save_run_record(store, run_id, record, DEFAULT_WORKDIR)
+        report = None
+        if run.done and record["record_at"] == store.location(keys.run_record(run_id)):
+            built = stage_tasks.build_report(ctx, return_state=True)
+            report = built.result(raise_on_failure=False)
+            if isinstance(report, BaseException):
+                log.error("run %s: the report could not be built: %s", run_id,
+                          _error_text(report))
+                report = None
+    try:
+        publish_artifacts(store, run_id, record, report)
+    except StorageError as error:  # the store is down: the summary goes to Prefect without scores
+        log.error("run %s: scores could not be read for the Prefect artifacts: %s", run_id,
+                  _error_text(error))
+        publish_artifacts(None, run_id, record, report)
+    log.info("run %s finished: %d done, %d failed%s", run_id,
+             sum(v == "done" for v in record["status"].values()), len(run.failed),
+             f"; report: {report['location']}" if report else "")
+    return {**record, "report": report}
+
+
+def run_stages(ctx: RunContext, dataset: Dataset, subjects: list[Subject],
+               params: CustomizeParams, plan: ComputePlan) -> Outcome:
+    """The stage subflows in order, each given the units the previous one finished."""
+    config = ctx.config
     runner = _task_runner(plan)
-    run = Outcome(failed=dict(unknown))
-    prepared = prepare_subjects.with_options(task_runner=runner)(ctx, subjects, plan)
+    run = Outcome()
+    prompt_sets = {s.name: subject_prompt_set(dataset, s, params) for s in subjects}
+    prepared = prepare_subjects.with_options(task_runner=runner)(ctx, subjects, prompt_sets,
+                                                                 plan)
     run.merge(prepared)
     ready = [s for s in subjects if s.name in prepared.done]
     trained = train_concepts.with_options(task_runner=runner)(ctx, ready, plan)
@@ -243,21 +340,19 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
         for method in by_subject[name][1]:
             run.failed[f"{name}/{method}"] = reason
     run.merge(scored)
-    record = run_record(run_id, params, config, dataset, run, base_model, metric_models)
-    store.put_json(keys.run_record(run_id), record)
-    report = stage_tasks.build_report(ctx) if run.done else None
-    publish_artifacts(store, run_id, record, report)
-    log.info("run %s finished: %d done, %d failed%s", run_id,
-             sum(v == "done" for v in record["status"].values()), len(run.failed),
-             f"; report: {report['url']}" if report else "")
-    return {**record, "report": report}
+    return run
+
+
+def subject_prompt_set(dataset: Dataset, subject: Subject, params: CustomizeParams) -> PromptSet:
+    """The prompt set a subject is evaluated on: the run's, or the subject's own."""
+    return (dataset.prompt_set(params.prompt_set) if params.prompt_set
+            else dataset.prompts_for(subject))
 
 
 def evaluation_prompts(dataset: Dataset, subject: Subject, params: CustomizeParams,
                        config: RunConfig) -> list[str]:
     """The subject's prompts with the placeholder token (the first ``max_prompts``)."""
-    prompt_set = (dataset.prompt_set(params.prompt_set) if params.prompt_set
-                  else dataset.prompts_for(subject))
+    prompt_set = subject_prompt_set(dataset, subject, params)
     prompts = prompt_set.render(config.train.placeholder_token, subject.class_noun)
     return prompts[:params.max_prompts] if params.max_prompts else prompts
 
@@ -275,22 +370,53 @@ def run_record(run_id: str, params: CustomizeParams, config: RunConfig, dataset:
             "records": run.done, "dataset_problems": [p.message for p in dataset.problems]}
 
 
-def publish_artifacts(store: ArtifactStore, run_id: str, record: dict,
+def save_run_record(store: ArtifactStore, run_id: str, record: dict, workdir: Path, *,
+                    attempts: int = 4, first_delay_s: float = 2.0) -> str:
+    """Write ``run.json`` and return where it is. Transient store trouble is retried with
+    backoff; when the store still cannot take it (down, full, read-only), the record goes to a
+    local file instead, named in an error, so a run's outcome is never lost."""
+    key = keys.run_record(run_id)
+    for attempt in range(1, attempts + 1):
+        try:
+            store.put_json(key, record)
+            return store.location(key)
+        except StorageError as error:
+            if not is_transient(error) or attempt == attempts:
+                failure = error
+                break
+            delay = first_delay_s * 2 ** (attempt - 1)
+            logger.warning("run %s: writing the run record failed (%s); retry %d/%d in %.0f s",
+                           run_id, _error_text(error), attempt, attempts - 1, delay)
+            time.sleep(delay)
+    fallback = workdir / "run-records" / f"{_artifact_slug(run_id)}-{int(time.time())}.json"
+    fallback.parent.mkdir(parents=True, exist_ok=True)
+    fallback.write_text(json.dumps({**record, "record_at": str(fallback)}, indent=2))
+    logger.error("run %s: the run record could not be written to %s (%s); it is at %s",
+                 run_id, store.location(key), _error_text(failure), fallback)
+    return str(fallback)
+
+
+def publish_artifacts(store: ArtifactStore | None, run_id: str, record: dict,
                       report: dict | None) -> None:
     """Prefect artifacts: the summary score table, and a markdown note with the report link,
-    failures and a few thumbnails."""
+    failures and a few thumbnails (without a store: the note alone, from the record)."""
     from eqdiff.evaluation.report import method_table, subject_table
     from eqdiff.evaluation.scores import load_run_scores
 
-    scores, failures = load_run_scores(store, run_id, record)
+    scores, failures = (load_run_scores(store, run_id, record) if store is not None
+                        else ([], {}))
     if len(scores):
         methods = method_table(subject_table(scores, failures)).round(4)
         create_table_artifact(key=f"scores-{_artifact_slug(run_id)}",
                               table=methods.to_dict(orient="records"),
                               description=f"Mean scores per method, run {run_id}")
-    lines = [f"# EqDiff run `{run_id}`", ""]
+    lines = [f"# EqDiff run `{run_id}`", "", f"Run record: `{record['record_at']}`", ""]
     if report:
-        lines += [f"**Report:** [{report['report']}]({report['url']})", ""]
+        lines += [f"**Report:** `{report['location']}`", "",
+                  "A store address, with no credentials in it. A link a browser can open, valid "
+                  f"for one hour: `eqdiff report --store {store.url if store else '…'} --run-id "
+                  f"{run_id} "
+                  "--link 3600`", ""]
     failed = {k: v for k, v in record["status"].items() if v.startswith("failed")}
     lines += [f"**{len(record['status']) - len(failed)}** items done, **{len(failed)}** failed.",
               ""]

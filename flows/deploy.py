@@ -115,6 +115,16 @@ def _schedule(spec: dict[str, Any]) -> Any:
     raise ValueError(f"schedule must have 'cron' or 'interval', got {spec}")
 
 
+def _concurrency_limit(spec: int | dict[str, Any] | None) -> Any:
+    """A prefect.yaml ``concurrency_limit`` (a number, or ``limit`` and ``collision_strategy``)
+    as ``to_deployment`` takes it."""
+    if not isinstance(spec, dict):
+        return spec
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    return ConcurrencyLimitConfig(**spec)
+
+
 def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
     """The declared deployments as ``flow.to_deployment(...)`` objects, for ``prefect.serve``.
 
@@ -130,6 +140,7 @@ def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
             name=entry["name"], description=entry.get("description"),
             tags=entry.get("tags"), parameters=entry.get("parameters") or {},
             paused=entry.get("paused"),
+            concurrency_limit=_concurrency_limit(entry.get("concurrency_limit")),
             schedules=[_schedule(s) for s in entry.get("schedules") or []]))
     return deployments
 

@@ -54,6 +54,10 @@ class CustomizeParams(BaseModel):
                                         "'tiny' for the random offline test model")
     storage_url: str = Field("./artifacts", description="Folder, file:///… or s3://bucket/prefix")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS)")
+    storage_shared: bool = Field(
+        False, description="The local storage folder is on a filesystem every Ray node mounts "
+                           "at the same path (NFS, a cluster filesystem); without it a local "
+                           "folder is refused on a cluster of more than one node")
     compute: Literal["ray", "local"] = Field("ray", description="Ray cluster or this process")
     ray_address: str = Field("", description="Ray cluster address (empty: RAY_ADDRESS or a "
                                              "local instance)")
@@ -64,6 +68,12 @@ class CustomizeParams(BaseModel):
         True, description="Keep Ray's GPU worker processes, and the models they loaded, for "
                           "later tasks; off: a new process per GPU task (Ray's default), which "
                           "hands back all of its GPU memory when the task ends")
+    expect_gpus: bool = Field(
+        False, description="Request gpus_per_subject GPUs even when the Ray cluster has none up "
+                           "now: an autoscaling cluster then starts its GPU nodes")
+    lost_worker_retries: int = Field(
+        2, ge=0, le=10, description="How often Ray runs a task again when its worker process "
+                                    "or node is lost (the unit resumes from its checkpoint)")
     run_id: str = Field("", description="Name of the run in the store (empty: derived from "
                                         "these parameters, so a rerun continues the same run)")
     overrides: dict[str, object] = Field(
@@ -97,14 +107,16 @@ class CustomizeParams(BaseModel):
             model=ModelConfig(base_model=base_model, local_files_only=True),
             methods=tuple(method_preset(m) for m in self.methods), train=train, sample=sample,
             eval=eval_models or EvalConfig(),
-            storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url))
+            storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url,
+                                  shared=self.storage_shared))
         return with_overrides(config, dict(self.overrides)) if self.overrides else config
 
     def derived_run_id(self) -> str:
         """A stable run id from the parameters that change results."""
         if self.run_id:
             return self.run_id
-        payload = self.model_dump(exclude={"storage_url", "s3_endpoint_url", "compute",
-                                           "ray_address", "gpus_per_subject",
-                                           "reuse_gpu_workers", "run_id"})
+        payload = self.model_dump(exclude={"storage_url", "s3_endpoint_url", "storage_shared",
+                                           "compute", "ray_address", "gpus_per_subject",
+                                           "reuse_gpu_workers", "expect_gpus",
+                                           "lost_worker_retries", "run_id"})
         return f"run-{config_hash(payload, length=10)}"

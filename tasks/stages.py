@@ -1,8 +1,16 @@
 """Thin Prefect tasks over :mod:`eqdiff.pipeline.stages`: resolve inputs, call one function,
 return keys.
 
-Retries are for transient trouble only (storage or network hiccups, a lost Ray worker);
-a :class:`~eqdiff.pipeline.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and
+Two kinds of failure are retried, each by one layer only:
+
+- **transient storage or network trouble** inside a task (an unreachable endpoint, a dropped
+  connection) is retried by Prefect, in the same worker (``retries`` below);
+- **a lost worker** (the process killed, by Ray's memory monitor for instance, or its node gone)
+  is retried by Ray, which alone can run the task again elsewhere: the flow gives Ray's tasks
+  ``max_retries`` (:meth:`flows.compute.ComputePlan.remote_options`) and no application-error
+  retries. A retried training resumes from its stored checkpoint.
+
+A :class:`~eqdiff.pipeline.stages.StageFailed` (bad subject) or a ``ValueError`` fails at once and
 is reported. Prefect's own result caching is off: the stages' completion markers in the store
 decide what is already done.
 """
@@ -17,34 +25,24 @@ from prefect.cache_policies import NO_CACHE
 
 from eqdiff.config import MethodConfig
 from eqdiff.data.datasets import Subject
+from eqdiff.data.prompts import PromptSet
 from eqdiff.method.training import ProgressBar
 from eqdiff.pipeline import stages
-from eqdiff.store import StorageUnavailableError
+from eqdiff.store.errors import is_transient
+from tasks.logs import log_stages_at_info, noting_reattempts
 from tasks.progress import PrefectProgress
 from tasks.resources import concept_generator, scorers, task_device
 
 logger = logging.getLogger(__name__)
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailableError, ConnectionError,
-                                                     TimeoutError)
-
-
-def _lost_worker(error: BaseException) -> bool:
-    try:
-        from ray.exceptions import NodeDiedError, WorkerCrashedError
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
-    return isinstance(error, WorkerCrashedError | NodeDiedError)
-
+log_stages_at_info()  # their lines reach the task run's page in Prefect (see tasks.logs)
 
 def transient_only(task, task_run, state) -> bool:  # Prefect's hook signature
-    """Retry condition: only storage/network errors and lost Ray workers are retried."""
+    """Retry condition: only transient storage and network errors are retried (by Prefect);
+    a full or read-only store, refused credentials and bad data fail at once."""
     try:
         state.result()
-    except TRANSIENT_ERRORS:
-        return True
-    except Exception as error:  # classifying, not handling
-        return _lost_worker(error)
+    except Exception as error:  # noqa: BLE001 - classifying, not handling
+        return is_transient(error)
     return False
 
 
@@ -56,18 +54,27 @@ def _record(result: stages.StageResult) -> dict:
     return {"prefix": result.prefix, "skipped": result.skipped, **result.info}
 
 
+@task(name="ingest", **COMMON)
+@noting_reattempts
+def ingest(ctx: stages.RunContext, subject: Subject, prompt_set: PromptSet) -> dict:
+    return _record(stages.ingest(ctx, subject, prompt_set))
+
+
 @task(name="preprocess", **COMMON)
-def preprocess(ctx: stages.RunContext, subject: Subject) -> dict:
+@noting_reattempts
+def preprocess(ctx: stages.RunContext, subject: str) -> dict:
     return _record(stages.preprocess(ctx, subject))
 
 
 @task(name="extract-masks", **COMMON)
-def extract_masks(ctx: stages.RunContext, subject: Subject) -> dict:
+@noting_reattempts
+def extract_masks(ctx: stages.RunContext, subject: str) -> dict:
     with task_device() as device:
         return _record(stages.extract_masks(ctx, subject, device=device))
 
 
 @task(name="class-priors", **COMMON)
+@noting_reattempts
 def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
     progress = PrefectProgress(f"class priors: {class_noun}")
     with task_device() as device:
@@ -76,6 +83,7 @@ def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
 
 
 @task(name="train-concept", **COMMON)
+@noting_reattempts
 def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method: MethodConfig,
                   prior_prefix: str | None) -> dict:
     progress = PrefectProgress(f"training {subject}/{method.name}")
@@ -89,9 +97,10 @@ def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method:
 
 
 @task(name="generate-samples", **COMMON)
-def generate_samples(ctx: stages.RunContext, subject: Subject, method: str,
-                    prompts: list[str]) -> dict:
-    progress = PrefectProgress(f"generating {subject.name}/{method}")
+@noting_reattempts
+def generate_samples(ctx: stages.RunContext, subject: str, method: str,
+                     prompts: list[str]) -> dict:
+    progress = PrefectProgress(f"generating {subject}/{method}")
 
     def generator():  # ConceptGenerator, loaded only when needed
         return concept_generator(ctx.base_model, ctx.config.sample, ctx.config.rra,
@@ -103,11 +112,13 @@ def generate_samples(ctx: stages.RunContext, subject: Subject, method: str,
 
 
 @task(name="score-subject", **COMMON)
-def score_subject(ctx: stages.RunContext, subject: Subject, methods: list[str]) -> dict:
+@noting_reattempts
+def score_subject(ctx: stages.RunContext, subject: str, methods: list[str]) -> dict:
     with task_device():
         return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
 
 
 @task(name="build-report", **COMMON)
+@noting_reattempts
 def build_report(ctx: stages.RunContext) -> dict:
     return _record(stages.report(ctx))

@@ -18,9 +18,9 @@ import torch
 
 from eqdiff.config import EvalConfig, MethodConfig, config_hash
 from eqdiff.data.datasets import Subject
-from eqdiff.data.images import file_sha256
 from eqdiff.data.masks import build_extractor, write_subject_masks
 from eqdiff.data.preprocess import SubjectManifest, mask_inputs, preprocess_subject
+from eqdiff.data.prompts import PromptSet
 from eqdiff.evaluation.metrics import (
     REAL_IMAGES,
     CLIPScorer,
@@ -38,6 +38,7 @@ from eqdiff.method.priors import generate_class_priors, prior_hash
 from eqdiff.method.reference import training_extensions
 from eqdiff.method.sampling import ConceptGenerator, plan_requests
 from eqdiff.method.training import ConceptData, TrainingCallback, train_concept, training_hash
+from eqdiff.pipeline.ingest import IngestedSubject, read_ingested
 from eqdiff.pipeline.skeleton import (
     Produced,
     RunContext,
@@ -63,31 +64,54 @@ from eqdiff.store import keys
 from eqdiff.store.keys import join_key
 
 __all__ = ["RunContext", "StageFailed", "StageResult", "class_priors", "evaluation_hash",
-           "extract_masks", "generate", "preprocess", "report", "score", "train"]
+           "extract_masks", "generate", "ingest", "preprocess", "report", "score", "train"]
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
 
-def preprocess(ctx: RunContext, subject: Subject) -> StageResult:
-    """Validate and normalise a subject's photos; fails (StageFailed) with too few usable ones."""
+def ingest(ctx: RunContext, subject: Subject, prompt_set: PromptSet) -> StageResult:
+    """Copy a subject's photos, its own masks and its class and prompts into the store.
+
+    The only stage that opens dataset files: it runs where the dataset is read (the flow's own
+    process), and every later stage reads the copy. Files are stored by content, so a rerun or
+    another run over the same photos uploads nothing.
+    """
     store = ctx.store()
-    prefix = keys.preprocess_prefix(ctx.run_id, subject.name)
-    resolution = ctx.config.train.resolution
-    digest = config_hash({"resolution": resolution, "class": subject.class_noun,
-                          "sources": [file_sha256(p) for p in subject.image_paths]})
+    described = IngestedSubject.describe(subject, prompt_set)
 
     def work(scratch: Path) -> Produced:
-        manifest = preprocess_subject(subject, scratch, resolution=resolution)
+        uploaded = described.copy_in(store, subject)
+        described.write(scratch)
+        return Produced(scratch, {"photos": len(described.photos),
+                                  "masks": len(described.masks), "uploaded": uploaded})
+
+    return run_stage(store, keys.ingest_prefix(ctx.run_id, subject.name),
+                     config_hash(described.to_dict()), work, name="ingest")
+
+
+def preprocess(ctx: RunContext, subject: str) -> StageResult:
+    """Validate and normalise a subject's photos; fails (StageFailed) with too few usable ones."""
+    store = ctx.store()
+    prefix = keys.preprocess_prefix(ctx.run_id, subject)
+    resolution = ctx.config.train.resolution
+    ingested = require_done(store, keys.ingest_prefix(ctx.run_id, subject),
+                            f"the ingest of {subject!r}")
+    digest = config_hash({"resolution": resolution, "ingest": ingested.config_hash})
+
+    def work(scratch: Path) -> Produced:
+        local = read_ingested(store, ctx.run_id, subject).fetch(store, scratch / "dataset")
+        manifest = preprocess_subject(local, scratch / "out", resolution=resolution)
         if manifest.status != "ok":
-            raise StageFailed(f"subject {subject.name!r}: {manifest.reason}")
-        return Produced(scratch, {"images": len(manifest.images)}, returned=_summary(manifest))
+            raise StageFailed(f"subject {subject!r}: {manifest.reason}")
+        return Produced(scratch / "out", {"images": len(manifest.images)},
+                        returned=_summary(manifest))
 
     result = run_stage(store, prefix, digest, work, name="pre")
     if result.skipped:
         return StageResult(prefix, skipped=True,
-                           info=_summary(read_manifest(store, ctx.run_id, subject.name)))
+                           info=_summary(read_manifest(store, ctx.run_id, subject)))
     return result
 
 
@@ -96,27 +120,30 @@ def _summary(manifest: SubjectManifest) -> dict:
             "rejected": [f"{Path(r.source).name}: {r.reason}" for r in manifest.rejected]}
 
 
-def extract_masks(ctx: RunContext, subject: Subject, *, device: str = "cpu") -> StageResult:
+def extract_masks(ctx: RunContext, subject: str, *, device: str = "cpu") -> StageResult:
     """Mask every preprocessed photo with the configured extractor (and its fallbacks)."""
     store = ctx.store()
-    source = keys.preprocess_prefix(ctx.run_id, subject.name)
-    source_record = require_done(store, source, f"preprocessing of {subject.name!r}")
+    source = keys.preprocess_prefix(ctx.run_id, subject)
+    source_record = require_done(store, source, f"preprocessing of {subject!r}")
+    ingested = require_done(store, keys.ingest_prefix(ctx.run_id, subject),
+                            f"the ingest of {subject!r}")
     settings = ctx.config.masks
-    digest = config_hash(settings, source_record.config_hash,
-                         str(subject.mask_dir) if subject.mask_dir else "")
+    digest = config_hash(settings, source_record.config_hash, ingested.config_hash)
 
     def work(scratch: Path) -> Produced:
         folder = download_prefix(store, source, scratch / "in")
         manifest = SubjectManifest.read(folder)
+        provided = read_ingested(store, ctx.run_id, subject).fetch(store, scratch / "dataset",
+                                                                   photos=False)
         wanted = settings.extractor
-        if wanted == "provided" and subject.mask_dir is None:
-            logger.info("%s: no mask folder; using %s", subject.name, settings.fallback)
+        if wanted == "provided" and provided.mask_dir is None:
+            logger.info("%s: no mask folder; using %s", subject, settings.fallback)
             wanted = settings.fallback
-        extractor = build_extractor(wanted, settings, mask_dir=subject.mask_dir, device=device,
+        extractor = build_extractor(wanted, settings, mask_dir=provided.mask_dir, device=device,
                                     local_files_only=ctx.config.model.local_files_only)
-        fallback = build_extractor(settings.fallback, settings, mask_dir=subject.mask_dir,
+        fallback = build_extractor(settings.fallback, settings, mask_dir=provided.mask_dir,
                                    device=device) if settings.fallback != "provided" else None
-        written = write_subject_masks(subject.name, mask_inputs(manifest, folder),
+        written = write_subject_masks(subject, mask_inputs(manifest, folder),
                                       scratch / "out", extractor, fallback=fallback,
                                       cache=store_mask_cache(store))
         made_by = sorted({r["extractor"] for r in written.masks.values()})
@@ -124,7 +151,7 @@ def extract_masks(ctx: RunContext, subject: Subject, *, device: str = "cpu") -> 
         return Produced(scratch / "out", {"extractor": wanted},
                         returned={"extractors": made_by, "warnings": warnings})
 
-    return run_stage(store, keys.masks_prefix(ctx.run_id, subject.name), digest, work,
+    return run_stage(store, keys.masks_prefix(ctx.run_id, subject), digest, work,
                      name="masks")
 
 
@@ -160,8 +187,10 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
 
     A training resumes from a stored checkpoint only if it was made under the same stage hash
     (settings, base model, photos, masks and priors); checkpoints of anything else are ignored,
-    with a warning and an ``ignored_checkpoints`` entry in the result. Once the concept is
-    stored, the (subject, method)'s checkpoints are deleted.
+    with a warning and an ``ignored_checkpoints`` entry in the result. One that cannot be
+    resumed (unreadable, unsafe, damaged, not fitting) is moved to its rejected key and the
+    training starts afresh, with a warning and a ``rejected_checkpoints`` entry. Once the
+    concept is stored, the (subject, method)'s checkpoints are deleted.
     """
     store = ctx.store()
     masks_record = require_done(store, keys.masks_prefix(ctx.run_id, subject),
@@ -183,8 +212,11 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
         data = ConceptData(subject, class_noun, images, masks, priors)
         components = load_sd_components(ctx.base_model,
                                         local_files_only=ctx.config.model.local_files_only)
-        checkpointer = StoreCheckpointer(store, resume_key, scratch / "checkpoint",
-                                         ctx.config.train.checkpoint_every)
+        checkpointer = StoreCheckpointer(
+            store, resume_key, scratch / "checkpoint", ctx.config.train.checkpoint_every,
+            name=f"{subject}/{method.name}",
+            rejected_key=lambda when: keys.rejected_checkpoint_key(ctx.run_id, subject,
+                                                                   method.name, digest, when))
         trained = train_concept(components, data, ctx.config, method, device=device,
                                 checkpointer=checkpointer, callbacks=callbacks,
                                 extensions=training_extensions(ctx.config.rra, method))
@@ -196,8 +228,8 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
                  "seconds": trained.metadata["seconds"],
                  "first_loss": losses[0]["loss"] if losses else None,
                  "last_loss": losses[-1]["loss"] if losses else None}
-        return Produced(folder, facts,
-                        returned={**facts, "ignored_checkpoints": stale} if stale else None)
+        notes = {"ignored_checkpoints": stale, "rejected_checkpoints": checkpointer.rejected}
+        return Produced(folder, facts, returned={**facts, **{k: v for k, v in notes.items() if v}})
 
     result = run_stage(store, keys.concept_prefix(ctx.run_id, subject, method.name), digest,
                        work, name="train")
@@ -205,7 +237,7 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
     return result
 
 
-def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject: Subject,
+def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject: str,
              method: str, prompts: Sequence[str], *,
              progress: Progress | None = None) -> StageResult:
     """Draw ``images_per_prompt`` images per prompt with the trained concept.
@@ -215,16 +247,16 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
     generator; it is only called when there is work to do, so a rerun loads no model.
     """
     store = ctx.store()
-    concept_key = keys.concept_prefix(ctx.run_id, subject.name, method)
-    concept_record = require_done(store, concept_key, f"the concept {subject.name}/{method}")
+    concept_key = keys.concept_prefix(ctx.run_id, subject, method)
+    concept_record = require_done(store, concept_key, f"the concept {subject}/{method}")
     sample = ctx.config.sample
     digest = config_hash(concept_record.config_hash, sample, list(prompts))
 
     def work(scratch: Path) -> Produced:
         concept = load_concept(download_prefix(store, concept_key, scratch / "concept"))
-        reference = (reference_image(store, ctx.run_id, subject.name, sample.resolution)
+        reference = (reference_image(store, ctx.run_id, subject, sample.resolution)
                      if concept.tensors_with_prefix(RRA_PREFIX) else None)
-        requests = plan_requests(subject.name, list(prompts), sample.images_per_prompt,
+        requests = plan_requests(subject, list(prompts), sample.images_per_prompt,
                                  sample.seed)
         images = generator().generate(concept, requests, reference_image=reference,
                                       progress=progress)
@@ -237,7 +269,7 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
         (out / SAMPLES_RECORD).write_text(json.dumps(records, indent=2))
         return Produced(out, {"images": len(images)})
 
-    return run_stage(store, keys.samples_prefix(ctx.run_id, subject.name, method), digest, work,
+    return run_stage(store, keys.samples_prefix(ctx.run_id, subject, method), digest, work,
                      name="gen")
 
 
@@ -249,7 +281,7 @@ def evaluation_hash(config: EvalConfig) -> str:
 
 
 def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
-          subject: Subject, methods: Sequence[str], *,
+          subject: str, methods: Sequence[str], *,
           cache: FeatureCache | None = None) -> StageResult:
     """CLIP-I, CLIP-T and DINO for every method of one subject, plus the real-images bound.
 
@@ -258,8 +290,8 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
     Each (subject, method) is its own stage, so one new method scores only that method."""
     store = ctx.store()
     cache = cache or store_feature_cache(store)
-    photos = require_done(store, keys.preprocess_prefix(ctx.run_id, subject.name),
-                          f"preprocessing of {subject.name!r}")
+    photos = require_done(store, keys.preprocess_prefix(ctx.run_id, subject),
+                          f"preprocessing of {subject!r}")
     eval_hash = evaluation_hash(ctx.config.eval)
     real: RealFeatures | None = None
     scored, skipped = [], []
@@ -268,26 +300,27 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
             source_hash = photos.config_hash
         else:
             source_hash = require_done(
-                store, keys.samples_prefix(ctx.run_id, subject.name, method),
-                f"the samples of {subject.name}/{method}").config_hash
+                store, keys.samples_prefix(ctx.run_id, subject, method),
+                f"the samples of {subject}/{method}").config_hash
         digest = config_hash(eval_hash, source_hash)
-        if store.is_done(keys.scores_prefix(ctx.run_id, subject.name, method),
+        if store.is_done(keys.scores_prefix(ctx.run_id, subject, method),
                          expect_hash=digest):
             skipped.append(method)
             continue
         clip, dino = scorers()
-        real = real or real_features(real_images(store, ctx.run_id, subject.name), clip, dino,
+        real = real or real_features(real_images(store, ctx.run_id, subject), clip, dino,
                                      cache)
-        common = {"run_id": ctx.run_id, "subject": subject.name,
-                  "class_noun": subject.class_noun, "kind": subject.kind}
+        manifest = read_manifest(store, ctx.run_id, subject)
+        common = {"run_id": ctx.run_id, "subject": subject,
+                  "class_noun": manifest.class_noun, "kind": manifest.kind}
         if method == REAL_IMAGES:
             rows = real_image_rows(real, **common)
         else:
             rows = score_images(
-                generated_images(store, keys.samples_prefix(ctx.run_id, subject.name, method)),
+                generated_images(store, keys.samples_prefix(ctx.run_id, subject, method)),
                 real, clip=clip, dino=dino, method=method,
                 placeholders=ctx.config.train.placeholder_token, **common)
-        save_scores(store, rows, run_id=ctx.run_id, subject=subject.name, method=method,
+        save_scores(store, rows, run_id=ctx.run_id, subject=subject, method=method,
                     config_hash=digest)
         scored.append(method)
     return StageResult(keys.run_prefix(ctx.run_id), skipped=not scored,
@@ -301,4 +334,4 @@ def report(ctx: RunContext) -> StageResult:
     with tempfile.TemporaryDirectory(prefix="eqdiff-report-") as scratch:
         html = rebuild_report(store, ctx.run_id, Path(scratch))
         key = join_key(prefix, html.name)
-    return StageResult(prefix, skipped=False, info={"report": key, "url": store.url_for(key)})
+    return StageResult(prefix, skipped=False, info={"report": key, "location": store.location(key)})

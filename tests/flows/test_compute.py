@@ -24,11 +24,36 @@ def test_gpu_request_shares_a_gpu_only_where_the_cluster_has_one() -> None:
         gpu_request(-1.0, cluster_gpus=1)
 
 
+def test_an_autoscaling_cluster_gets_gpu_requests_before_any_gpu_is_up() -> None:
+    assert gpu_request(1.0, cluster_gpus=0, expect_gpus=True) == 1.0
+    assert gpu_request(0.5, cluster_gpus=0, expect_gpus=True) == 0.5
+    plan = ComputePlan("ray", gpus_per_task=gpu_request(1.0, 0, expect_gpus=True))
+    assert plan.remote_options()["num_gpus"] == 1.0 and plan.device == "cuda"
+    assert "num_gpus" not in plan.remote_options(gpu=False)  # CPU stages still ask for none
+
+
+def test_a_local_folder_store_is_refused_on_a_cluster_of_several_nodes() -> None:
+    from eqdiff.config import StorageConfig
+    from flows.compute import TopologyError, check_topology
+
+    cluster = ComputePlan("ray", address="head:6379", nodes=3)
+    with pytest.raises(TopologyError, match=r"3 nodes.*'./artifacts'.*s3://.*storage_shared"):
+        check_topology(cluster, StorageConfig(url="./artifacts"))
+    with pytest.raises(TopologyError):
+        check_topology(cluster, StorageConfig(url="file:///data/artifacts"))
+    check_topology(cluster, StorageConfig(url="s3://bucket/eqdiff"))
+    check_topology(cluster, StorageConfig(url="/nfs/artifacts", shared=True))
+    check_topology(ComputePlan("ray", nodes=1), StorageConfig(url="./artifacts"))
+    check_topology(ComputePlan("local"), StorageConfig(url="./artifacts"))
+
+
 def test_a_shared_gpu_plan_asks_ray_for_the_fraction() -> None:
     plan = ComputePlan("ray", gpus_per_task=0.5, cluster_gpus=1.0)
-    assert plan.remote_options() == {"num_cpus": 1.0, "num_gpus": 0.5, "max_calls": 0}
+    assert plan.remote_options() == {"num_cpus": 1.0, "num_gpus": 0.5, "max_calls": 0,
+                                     "max_retries": 2, "retry_exceptions": False}
     assert plan.device == "cuda"
-    assert ComputePlan("ray").remote_options() == {"num_cpus": 1.0}
+    assert ComputePlan("ray").remote_options() == {"num_cpus": 1.0, "max_retries": 2,
+                                                   "retry_exceptions": False}
     assert ComputePlan("ray").device == "cpu"
     assert ComputePlan("local").remote_options() == {}
 
@@ -39,7 +64,7 @@ def test_only_stages_that_run_a_model_hold_a_gpu() -> None:
     from flows.customize import masks_run_a_model
 
     plan = ComputePlan("ray", gpus_per_task=1.0, cluster_gpus=4.0)
-    assert plan.remote_options(gpu=False) == {"num_cpus": 1.0}
+    assert "num_gpus" not in plan.remote_options(gpu=False)
     assert plan.remote_options()["num_gpus"] == 1.0
     assert not masks_run_a_model(RunConfig())  # GrabCut by default
     assert not masks_run_a_model(RunConfig(masks=MaskConfig(extractor="provided")))
@@ -49,6 +74,9 @@ def test_only_stages_that_run_a_model_hold_a_gpu() -> None:
 
 def test_gpus_per_subject_is_validated_and_does_not_change_the_run_id() -> None:
     assert CustomizeParams(gpus_per_subject=0.5).derived_run_id() == \
+        CustomizeParams().derived_run_id()
+    assert CustomizeParams(expect_gpus=True, lost_worker_retries=5,
+                           storage_shared=True).derived_run_id() == \
         CustomizeParams().derived_run_id()
     with pytest.raises(ValidationError, match="gpus_per_subject"):
         CustomizeParams(gpus_per_subject=0)
@@ -82,10 +110,9 @@ def test_a_worker_refuses_a_gpu_other_than_the_one_its_cuda_was_set_up_for() -> 
 
 
 def test_gpu_workers_are_kept_unless_switched_off() -> None:
-    assert ComputePlan("ray", gpus_per_task=1.0).remote_options() == \
-        {"num_cpus": 1.0, "num_gpus": 1.0, "max_calls": 0}
-    assert ComputePlan("ray", gpus_per_task=1.0, reuse_gpu_workers=False).remote_options() \
-        == {"num_cpus": 1.0, "num_gpus": 1.0}  # Ray's default: a new process per GPU task
+    assert ComputePlan("ray", gpus_per_task=1.0).remote_options()["max_calls"] == 0
+    fresh = ComputePlan("ray", gpus_per_task=1.0, reuse_gpu_workers=False).remote_options()
+    assert "max_calls" not in fresh  # Ray's default: a new process per GPU task
     assert CustomizeParams(reuse_gpu_workers=False).derived_run_id() == \
         CustomizeParams().derived_run_id()
 

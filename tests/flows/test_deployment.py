@@ -5,31 +5,14 @@ files users start from (examples/, the README's)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from processes import stop_group
+from processes import start_worker, stop_group, tail
 
 RUN_TIMEOUT_S = 600.0
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _start_worker(pool: str, log: Path) -> subprocess.Popen:
-    """``prefect worker start`` with this process's environment (the fixture's API and home),
-    polling every second; in its own process group so its flow runs stop with it."""
-    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no log)"
 
 
 def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
@@ -40,7 +23,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
 
     ensure_work_pool(WORK_POOL)
     worker_log = tmp_path / "worker.log"
-    worker = _start_worker(WORK_POOL, worker_log)  # starts up while the deployments register
+    worker = start_worker(WORK_POOL, worker_log)  # starts up while the deployments register
     try:
         names = deploy_all(WORK_POOL)
         assert names == ["customize-dataset/customize-dataset", "toy-benchmark/toy-benchmark",
@@ -71,12 +54,12 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
                 run = client.read_flow_run(run.id)
                 if run.state and run.state.type.value in FINAL:
                     break
-                assert worker.poll() is None, f"the worker exited:\n{_tail(worker_log)}"
+                assert worker.poll() is None, f"the worker exited:\n{tail(worker_log)}"
                 assert time.monotonic() < deadline, (
                     f"flow run still {run.state.name if run.state else None} after "
-                    f"{RUN_TIMEOUT_S:.0f} s:\n{_tail(worker_log)}")
+                    f"{RUN_TIMEOUT_S:.0f} s:\n{tail(worker_log)}")
                 time.sleep(1.0)
-        assert run.state.is_completed(), f"{run.state}:\n{_tail(worker_log)}"
+        assert run.state.is_completed(), f"{run.state}:\n{tail(worker_log)}"
         assert run.work_pool_name == WORK_POOL and run.deployment_id == deployment.id
     finally:
         stop_group(worker)
@@ -100,6 +83,9 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
     for deployment in served.values():
         assert deployment.entrypoint == "flows/customize.py:customize_dataset"
         assert deployment.parameters["params"]["dataset"] == "toyworld"
+    for deployment in [*served.values()]:  # one flow run at a time; more are queued
+        assert deployment.concurrency_limit == 1
+        assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
     assert not served["customize-dataset"].paused and not served["customize-dataset"].schedules
     nightly = served["nightly-reevaluation"]
     assert nightly.paused

@@ -74,7 +74,12 @@ def test_whole_dag_on_ray_with_s3(prefect_server, ray_local, s3_bucket_url, s3_e
     with get_client(sync_client=True) as client:
         tables = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["scores-flowtest"])))
+        notes = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["report-flowtest"])))
     assert tables and tables[0].type == "table"
+    # the report is named by its store address: no presigned link, no access key id
+    assert f"{s3_bucket_url}/runs/flowtest/report/report.html" in notes[0].data
+    assert "X-Amz" not in notes[0].data and "testing" not in notes[0].data
     rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
     assert {row["method"] for row in rows} >= set(METHODS)
 
@@ -89,3 +94,24 @@ def test_whole_dag_on_ray_with_s3(prefect_server, ray_local, s3_bucket_url, s3_e
         assert again["records"][subject]["masks"]["skipped"] is True
         assert again["records"][subject]["score"]["scored"] == []
     assert second < first
+    assert "runs/flowtest/_LEASE.json" not in {  # released when the run ended
+        o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def test_a_second_run_of_a_run_id_is_refused_naming_the_first(prefect_server, tmp_path):
+    """While another process holds the run's lease, the flow stops before any work and says
+    who holds it; once it is released, the run goes ahead."""
+    from eqdiff.store import keys, open_store
+    from eqdiff.store.lease import LeaseHeldError, hold_lease
+    from flows.customize import customize_dataset
+
+    dataset = two_subjects_with_one_broken(tmp_path / "data")
+    store_url = str(tmp_path / "store")
+    store = open_store(store_url)
+    run = params(dataset, store_url, "", "local").model_copy(update={"subjects": ["broken_cup"]})
+    with hold_lease(store, keys.run_lease("flowtest"), "ann@node-7 pid 4242 (flow run x)"):
+        with pytest.raises(LeaseHeldError, match=r"ann@node-7 pid 4242 \(flow run x\)"):
+            customize_dataset(run)
+        assert not store.list_keys("runs/flowtest/subjects/")  # nothing ingested
+    record = customize_dataset(run)
+    assert record["status"]["broken_cup"].startswith("failed")

@@ -47,6 +47,7 @@ def prefect_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.mark.operations
 def test_a_server_on_all_interfaces_answers_on_the_network_address(prefect_env: Path) -> None:
     address = _non_loopback_ipv4()
     if address is None:

@@ -19,8 +19,10 @@ from eqdiff.config import (
     StorageConfig,
     TrainConfig,
     method_preset,
+    with_overrides,
 )
 from eqdiff.data.datasets import Subject, load_dataset
+from eqdiff.data.prompts import PromptSet
 from eqdiff.fixtures.demo_data import write_demo_dataset
 from eqdiff.pipeline import stages
 from eqdiff.pipeline.skeleton import RunContext, StageFailed, UpstreamNotDone
@@ -28,6 +30,7 @@ from eqdiff.store import keys
 from eqdiff.store.keys import MARKER_NAME
 
 METHOD = "custom-diffusion"
+PROMPTS = PromptSet("test", ("a photo of {token} {class_noun}",))
 
 
 def never_called():
@@ -80,14 +83,15 @@ def generator_of(ctx: RunContext):
 def run_all(ctx: RunContext, subject: Subject, prompts: list[str]) -> dict:
     """Every stage once, in the flow's order; what each returned."""
     method = ctx.config.method(METHOD)
-    done = {"preprocess": stages.preprocess(ctx, subject),
-            "masks": stages.extract_masks(ctx, subject),
+    done = {"ingest": stages.ingest(ctx, subject, PROMPTS),
+            "preprocess": stages.preprocess(ctx, subject.name),
+            "masks": stages.extract_masks(ctx, subject.name),
             "priors": stages.class_priors(ctx, subject.class_noun)}
     done["train"] = stages.train(ctx, subject.name, subject.class_noun, method,
                                  prior_prefix=done["priors"].prefix)
-    done["generate"] = stages.generate(ctx, generator_of(ctx), subject, METHOD, prompts)
+    done["generate"] = stages.generate(ctx, generator_of(ctx), subject.name, METHOD, prompts)
     make_scorers, made = scorers_of(ctx)
-    done["score"] = stages.score(ctx, make_scorers, subject, [METHOD])
+    done["score"] = stages.score(ctx, make_scorers, subject.name, [METHOD])
     done["scorers_loaded"] = len(made)
     return done
 
@@ -97,22 +101,22 @@ def test_stages_write_markers_then_skip_and_redo_only_what_a_change_reaches(
     ctx = context(tmp_path / "store", tiny_zoo)
     prompts = [f"a photo of {ctx.config.train.placeholder_token} {subject.class_noun}"]
     first = run_all(ctx, subject, prompts)
-    assert not any(first[name].skipped for name in ("preprocess", "masks", "priors", "train",
-                                                    "generate", "score"))
+    assert not any(first[name].skipped for name in ("ingest", "preprocess", "masks", "priors",
+                                                    "train", "generate", "score"))
     assert first["preprocess"].info["images"] == 3
     store = ctx.store()
-    for name in ("preprocess", "masks", "priors", "train", "generate"):
+    for name in ("ingest", "preprocess", "masks", "priors", "train", "generate"):
         record = store.read_marker(first[name].prefix)
         assert record is not None and record.outputs, name
         assert all(o.key.startswith(first[name].prefix + "/") for o in record.outputs)
         assert not any(o.key.endswith(MARKER_NAME) for o in record.outputs)
 
     # a rerun: everything skipped, no model loaded, same facts back
-    again = stages.generate(ctx, never_called, subject, METHOD, prompts)
+    again = stages.generate(ctx, never_called, subject.name, METHOD, prompts)
     assert again.skipped
     rerun = run_all(ctx, subject, prompts)
-    assert all(rerun[name].skipped for name in ("preprocess", "masks", "priors", "train",
-                                                "generate", "score"))
+    assert all(rerun[name].skipped for name in ("ingest", "preprocess", "masks", "priors",
+                                                "train", "generate", "score"))
     assert rerun["preprocess"].info == first["preprocess"].info
     assert rerun["scorers_loaded"] == 0
 
@@ -142,8 +146,9 @@ class StopAtStep:
 
 def prepared(folder: Path, tiny_zoo: dict, subject: Subject, *, steps: int) -> RunContext:
     ctx = context(folder, tiny_zoo, steps=steps)
-    stages.preprocess(ctx, subject)
-    stages.extract_masks(ctx, subject)
+    stages.ingest(ctx, subject, PROMPTS)
+    stages.preprocess(ctx, subject.name)
+    stages.extract_masks(ctx, subject.name)
     return ctx
 
 
@@ -197,13 +202,16 @@ def test_a_checkpoint_of_other_settings_is_never_resumed(tmp_path, tiny_zoo, sub
 
 def test_a_stage_names_the_input_that_is_not_done(tmp_path, tiny_zoo, subject):
     ctx = context(tmp_path / "store", tiny_zoo)
+    with pytest.raises(UpstreamNotDone, match="ingest"):
+        stages.preprocess(ctx, subject.name)
+    stages.ingest(ctx, subject, PROMPTS)
     with pytest.raises(UpstreamNotDone, match="preprocess"):
-        stages.extract_masks(ctx, subject)
+        stages.extract_masks(ctx, subject.name)
     with pytest.raises(UpstreamNotDone, match="masks"):
         stages.train(ctx, subject.name, subject.class_noun, ctx.config.method(METHOD),
                      prior_prefix=None)
     with pytest.raises(UpstreamNotDone, match="concept"):
-        stages.generate(ctx, never_called, subject, METHOD, ["a photo"])
+        stages.generate(ctx, never_called, subject.name, METHOD, ["a photo"])
 
 
 def test_a_subject_without_usable_photos_fails_and_leaves_no_marker(tmp_path, tiny_zoo):
@@ -213,6 +221,33 @@ def test_a_subject_without_usable_photos_fails_and_leaves_no_marker(tmp_path, ti
         (broken / f"{index:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     subject = Subject("broken", "cup", "object", tuple(sorted(broken.glob("*.jpg"))))
     ctx = context(tmp_path / "store", tiny_zoo)
+    stages.ingest(ctx, subject, PROMPTS)
     with pytest.raises(StageFailed, match="broken"):
-        stages.preprocess(ctx, subject)
+        stages.preprocess(ctx, subject.name)
     assert ctx.store().list_keys(keys.preprocess_prefix(ctx.run_id, "broken")) == []
+
+
+def test_after_ingest_no_stage_opens_the_dataset_folder(tmp_path, tiny_zoo):
+    """The stages after ingest read the store's copy: with the dataset folder gone (a worker
+    node that cannot see it), preprocessing, provided masks and training still run, and a
+    second run over the same photos uploads nothing."""
+    root = write_demo_dataset(tmp_path / "data", size=64, images_per_subject=3)
+    subject = load_dataset(root).subjects[0]  # the demo draws a mask for every photo
+    assert subject.mask_dir is not None
+    ctx = context(tmp_path / "store", tiny_zoo)
+    ctx = RunContext(ctx.run_id, with_overrides(ctx.config, {"masks.extractor": "provided"}))
+    first = stages.ingest(ctx, subject, PROMPTS)
+    assert first.info == {"photos": 3, "masks": 3, "uploaded": 6}
+    hidden = root.rename(tmp_path / "out-of-sight")
+
+    assert stages.preprocess(ctx, subject.name).info["images"] == 3
+    masks = stages.extract_masks(ctx, subject.name)
+    assert masks.info["extractors"] == ["provided"]
+    stages.train(ctx, subject.name, subject.class_noun, ctx.config.method(METHOD),
+                 prior_prefix=None)
+    assert ctx.store().is_done(keys.concept_prefix(ctx.run_id, subject.name, METHOD))
+
+    # the same photos under another run id: the record is new, the files are already stored
+    hidden.rename(root)
+    second = stages.ingest(RunContext("other-run", ctx.config), subject, PROMPTS)
+    assert not second.skipped and second.info["uploaded"] == 0
