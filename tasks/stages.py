@@ -54,26 +54,26 @@ def _record(result: stages.StageResult) -> dict:
     return {"prefix": result.prefix, "skipped": result.skipped, **result.info}
 
 
-@task(name="ingest", **COMMON)
+@task(name="ingest", task_run_name="ingest · {subject.name}", **COMMON)
 @noting_reattempts
 def ingest(ctx: stages.RunContext, subject: Subject, prompt_set: PromptSet) -> dict:
     return _record(stages.ingest(ctx, subject, prompt_set))
 
 
-@task(name="preprocess", **COMMON)
+@task(name="preprocess", task_run_name="preprocess · {subject}", **COMMON)
 @noting_reattempts
 def preprocess(ctx: stages.RunContext, subject: str) -> dict:
     return _record(stages.preprocess(ctx, subject))
 
 
-@task(name="extract-masks", **COMMON)
+@task(name="extract-masks", task_run_name="masks · {subject}", **COMMON)
 @noting_reattempts
 def extract_masks(ctx: stages.RunContext, subject: str) -> dict:
     with task_device() as device:
         return _record(stages.extract_masks(ctx, subject, device=device))
 
 
-@task(name="class-priors", **COMMON)
+@task(name="class-priors", task_run_name="priors · {class_noun}", **COMMON)
 @noting_reattempts
 def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
     progress = PrefectProgress(f"class priors: {class_noun}")
@@ -82,7 +82,7 @@ def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
                                            progress=progress.update))
 
 
-@task(name="train-concept", **COMMON)
+@task(name="train-concept", task_run_name="train · {subject} · {method.name}", **COMMON)
 @noting_reattempts
 def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method: MethodConfig,
                   prior_prefix: str | None) -> dict:
@@ -96,7 +96,7 @@ def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method:
                                     callbacks=callbacks))
 
 
-@task(name="generate-samples", **COMMON)
+@task(name="generate-samples", task_run_name="generate · {subject} · {method}", **COMMON)
 @noting_reattempts
 def generate_samples(ctx: stages.RunContext, subject: str, method: str,
                      prompts: list[str]) -> dict:
@@ -111,14 +111,14 @@ def generate_samples(ctx: stages.RunContext, subject: str, method: str,
                                        progress=progress.update))
 
 
-@task(name="score-subject", **COMMON)
+@task(name="score-subject", task_run_name="score · {subject}", **COMMON)
 @noting_reattempts
 def score_subject(ctx: stages.RunContext, subject: str, methods: list[str]) -> dict:
     with task_device():
         return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
 
 
-@task(name="build-report", **COMMON)
+@task(name="build-report", task_run_name="report · {ctx.run_id}", **COMMON)
 @noting_reattempts
 def build_report(ctx: stages.RunContext) -> dict:
     return _record(stages.report(ctx))

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from processes import refresh_prefect_settings
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -101,10 +102,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
         server = ensure_server(port=_free_port(), home=home)
         mp.setenv("PREFECT_API_URL", server.api_url)
+        refresh_prefect_settings()
         try:
             yield server.api_url
         finally:
             stop_server(home)
+            mp.undo()
+            refresh_prefect_settings()
 
 
 @pytest.fixture(scope="session")

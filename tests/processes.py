@@ -36,3 +36,14 @@ def start_worker(pool: str, log: Path) -> subprocess.Popen:
 def tail(path: Path, chars: int = 4000) -> str:
     """The end of a log file, for assertion messages."""
     return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no log)"
+
+
+def refresh_prefect_settings() -> None:
+    """Make Prefect in this process read its settings from the environment again: it fixes them
+    when first imported, which collecting the tests (``from prefect import flow``) does before
+    any fixture has set ``PREFECT_API_URL``; without this, a client or flow here would use
+    another server (or start a temporary one) instead of the fixture's."""
+    if "prefect" in sys.modules:
+        import prefect.context
+
+        prefect.context.refresh_global_settings_context()

@@ -39,6 +39,7 @@ from harness import (
     start_postgres,
     start_ray_cluster,
 )
+from processes import refresh_prefect_settings
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +80,6 @@ def cluster_postgres() -> Iterator[Postgres]:
         pg.stop()
 
 
-def _refresh_prefect_settings() -> None:
-    """Make Prefect in this process read its settings from the environment again: it fixes
-    them when first imported, which collecting the tests (``from prefect import flow``) does
-    before any fixture has set ``PREFECT_API_URL``; without this a flow run here would start
-    a temporary server of its own instead of using ours."""
-    import prefect.context
-
-    prefect.context.refresh_global_settings_context()
-
-
 @pytest.fixture(scope="session")
 def cluster_prefect(cluster_postgres: Postgres, cluster_root: Path) -> Iterator[PrefectOnPostgres]:
     """A Prefect server on ``cluster_postgres``; ``PREFECT_API_URL`` and ``PREFECT_HOME`` point
@@ -113,14 +104,14 @@ def cluster_prefect(cluster_postgres: Postgres, cluster_root: Path) -> Iterator[
                 only_for_the_server.setenv("PREFECT_API_DATABASE_CONNECTION_URL", url)
                 server = ensure_server(port=free_port(), home=home)
         mp.setenv("PREFECT_API_URL", server.api_url)
-        _refresh_prefect_settings()
+        refresh_prefect_settings()
         logger.info("Prefect server on PostgreSQL ready in %.1f s: %s",
                     time.monotonic() - started, server.api_url)
         try:
             yield PrefectOnPostgres(server.api_url, home, cluster_postgres)
         finally:
             mp.undo()
-            _refresh_prefect_settings()
+            refresh_prefect_settings()
             stop_server(home)  # SIGTERM to its process group, without waiting
             if server.pid:
                 with contextlib.suppress(psutil.Error):  # our child: its pid is not reused
@@ -217,7 +208,7 @@ def ray_driver(ray_cluster: RayCluster) -> Iterator[RayCluster]:
 
     if ray.is_initialized():
         pytest.fail("this process is already attached to another Ray instance; run the "
-                    "cluster tests on their own (`make test-cluster`)", pytrace=False)
+                    "cluster tests on their own (`make test-operations`)", pytrace=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_ADDRESS", ray_cluster.address)

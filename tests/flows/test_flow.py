@@ -69,13 +69,28 @@ def test_whole_dag_on_ray_with_s3(prefect_server, ray_local, s3_bucket_url, s3_e
     assert html["ContentType"].startswith("text/html")
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterName,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
 
     with get_client(sync_client=True) as client:
         tables = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["scores-flowtest"])))
         notes = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["report-flowtest"])))
+        wanted = ["ingest · red_ball", "train · blue_box · custom-diffusion",
+                  "generate · red_ball · eqdiff-no-rra", "score · blue_box"]
+        named = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=wanted)))
+        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["flowtest"])))
+    assert {t.name for t in named} == set(wanted)  # task runs say what they work on
+    assert flow_runs  # the flow run is named after its run id
     assert tables and tables[0].type == "table"
     # the report is named by its store address: no presigned link, no access key id
     assert f"{s3_bucket_url}/runs/flowtest/report/report.html" in notes[0].data
