@@ -89,7 +89,7 @@ def _settle(futures: dict[str, PrefectFuture], stage: str) -> Outcome:
         if isinstance(result, BaseException):
             reason = _error_text(result)
             if future.state.is_crashed():
-                reason = f"lost its worker: {reason}"
+                reason = _crash_reason(result)
                 _mark_crashed(future, reason)
             outcome.failed[key] = f"{stage}: {reason}"
             get_run_logger().error("%s %s failed: %s", stage, key, reason)
@@ -97,6 +97,15 @@ def _settle(futures: dict[str, PrefectFuture], stage: str) -> Outcome:
             outcome.done[key] = {stage: result}
         update_progress_artifact(progress, 100.0 * index / max(len(futures), 1))
     return outcome
+
+
+def _crash_reason(error: BaseException) -> str:
+    """Why a task came back crashed: its worker or node was lost (Ray's own errors), or it
+    raised before Prefect could run it in the worker (Ray wraps that in ``RayTaskError``)."""
+    cause = getattr(error, "cause", None)
+    if cause is not None:  # RayTaskError: the worker ran and raised
+        return f"failed in its Ray worker: {type(cause).__name__}: {_error_text(cause)}"
+    return f"lost its worker: {_error_text(error)}"
 
 
 def _mark_crashed(future: PrefectFuture, reason: str) -> None:

@@ -98,9 +98,7 @@ def flow_name(entry: dict[str, Any]) -> str:
     from the source without importing the flow's module."""
     from prefect.flows import load_flow_arguments_from_entrypoint
 
-    path, function = entry["entrypoint"].rsplit(":", 1)
-    return load_flow_arguments_from_entrypoint(f"{PROJECT_ROOT / path}:{function}",
-                                               {"name"})["name"]
+    return load_flow_arguments_from_entrypoint(entry["entrypoint"], {"name"})["name"]
 
 
 def _schedule(spec: dict[str, Any]) -> Any:
@@ -128,16 +126,19 @@ def _concurrency_limit(spec: int | dict[str, Any] | None) -> Any:
 def runner_deployments(prefect_file: Path = PREFECT_FILE) -> list[Any]:
     """The declared deployments as ``flow.to_deployment(...)`` objects, for ``prefect.serve``.
 
-    Entrypoints are relative to the project root; run from there (as :func:`serve_all` does)
-    so the deployments' entrypoints are too."""
+    Entrypoints are module paths (``flows.customize.customize_dataset``), and the served
+    deployments keep them so: a flow loaded from a file path lives in a module named after the
+    file (``customize``), which Ray workers on other nodes cannot import when the flow's
+    objects travel with a task."""
     from prefect.flows import load_flow_from_entrypoint
+    from prefect.types.entrypoint import EntrypointType
 
     deployments = []
     for entry in declarations(prefect_file):
-        path, function = entry["entrypoint"].rsplit(":", 1)
-        flow = load_flow_from_entrypoint(f"{PROJECT_ROOT / path}:{function}")
+        flow = load_flow_from_entrypoint(entry["entrypoint"])
         deployments.append(flow.to_deployment(
             name=entry["name"], description=entry.get("description"),
+            entrypoint_type=EntrypointType.MODULE_PATH,
             tags=entry.get("tags"), parameters=entry.get("parameters") or {},
             paused=entry.get("paused"),
             concurrency_limit=_concurrency_limit(entry.get("concurrency_limit")),

@@ -12,6 +12,7 @@ one process, and so does the resumed concept.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -220,9 +221,10 @@ def test_a_deployment_run_from_a_process_worker_on_postgres_runs_on_the_cluster(
     finally:
         stop_group(worker)
 
+    record = json.loads(cluster_s3.client().get_object(
+        Bucket=bucket, Key="runs/deployed/run.json")["Body"].read())
+    assert record["status"].get("red_ball/custom-diffusion") == "done", record["status"]
     psql = cluster_prefect.postgres.psql
     assert psql(f"SELECT state_type FROM flow_run WHERE id = '{run.id}'") == "COMPLETED"
     assert psql("SELECT type FROM artifact WHERE key = 'scores-deployed'") == "table"
     assert psql("SELECT count(*) FROM artifact WHERE key = 'report-deployed'") == "1"
-    record = cluster_s3.client().get_object(Bucket=bucket, Key="runs/deployed/run.json")
-    assert '"red_ball/custom-diffusion": "done"' in record["Body"].read().decode()

@@ -79,9 +79,9 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
     monkeypatch.chdir(PROJECT_ROOT)
     served = {d.name: d for d in runner_deployments()}
     assert set(served) == {"customize-dataset", "nightly-reevaluation", "toy-benchmark"}
-    assert served.pop("toy-benchmark").entrypoint == "flows/toy_benchmark.py:toy_benchmark"
+    assert served.pop("toy-benchmark").entrypoint == "flows.toy_benchmark.toy_benchmark"
     for deployment in served.values():
-        assert deployment.entrypoint == "flows/customize.py:customize_dataset"
+        assert deployment.entrypoint == "flows.customize.customize_dataset"  # a module path
         assert deployment.parameters["params"]["dataset"] == "toyworld"
     for deployment in [*served.values()]:  # one flow run at a time; more are queued
         assert deployment.concurrency_limit == 1
