@@ -9,6 +9,7 @@ that only change speed or bookkeeping carry ``metadata={"hash": False}`` and are
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -459,12 +460,28 @@ def with_overrides(config: T, overrides: dict[str, Any]) -> T:
         parts = dotted.split(".")
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"unknown config key {dotted!r}")
+                raise ValueError(_unknown_key(dotted, data))
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ValueError(f"unknown config key {dotted!r}")
+            raise ValueError(_unknown_key(dotted, data))
         node[parts[-1]] = value
     return from_dict(type(config), data)
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in data.items():
+        keys.append(prefix + name)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key(dotted: str, data: dict[str, Any]) -> str:
+    """``unknown config key 'x'``, with the closest known keys when some are close."""
+    close = difflib.get_close_matches(dotted, _dotted_keys(data), n=3, cutoff=0.75)
+    hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+    return f"unknown config key {dotted!r}{hint}"
 
 
 # --------------------------------------------------------------------------- hashing

@@ -76,7 +76,9 @@ def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
         state = customize_dataset(params, return_state=True)
     finally:
         _stop_ray()  # interrupted or not: no Ray process of ours outlives the command
-    record = state.result()
+    record = state.result(raise_on_failure=False)
+    if isinstance(record, BaseException):
+        raise RunRefused(_first_line(record)) from record
     flow_run_id = state.state_details.flow_run_id
     api = os.environ.get("PREFECT_API_URL", "")
     if api and flow_run_id:
@@ -99,15 +101,38 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class RunRefused(Exception):
+    """The run stopped before or outside its units: a bad dataset, base model, store or
+    setting, a held lease, ... The message is one line for the user."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}"
+
+
+EXIT_REFUSED = 2  # the run could not start (or stopped as a whole); nothing was half done
+EXIT_FAILED = 1  # no requested unit was done
+EXIT_PARTIAL = 3  # some units done, some failed
+EXIT_INTERRUPTED = 130
+
+
 def _summarise(record: dict) -> int:
-    failed = {k: v for k, v in record["status"].items() if v.startswith("failed")}
-    logger.info("run %s: %d done, %d failed", record["run_id"],
-                len(record["status"]) - len(failed), len(failed))
+    """Log the outcome per (subject, method) unit and the dataset's problems; the exit code is
+    0 only when every requested unit is done."""
+    units = record["units"]
+    failed = {k: v for k, v in units.items() if v != "done"}
+    logger.info("run %s: %d of %d units done", record["run_id"], len(units) - len(failed),
+                len(units))
     for key, status in failed.items():
         logger.error("  %s — %s", key, status.removeprefix("failed: "))
+    for problem in record["dataset_problems"]:
+        logger.warning("  dataset: %s", problem["message"])
     if record.get("report"):
         logger.info("report: %s", record["report"]["location"])
-    return 1 if failed and len(failed) == len(record["status"]) else 0
+    if not failed:
+        return 0
+    return EXIT_PARTIAL if len(failed) < len(units) else EXIT_FAILED
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -293,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Equilibrated Diffusion subject customization at dataset scale "
                     "(Prefect flows, Ray workers, local or S3 artifacts).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error that stops a run")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -448,10 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         return args.handler(args)
+    except RunRefused as refused:
+        if args.debug:
+            raise
+        logger.error("%s (--debug shows the traceback)", refused)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         logger.error("interrupted: the run's flow and task runs are marked Crashed; run the "
                      "same command again to continue where it stopped")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

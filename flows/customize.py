@@ -40,6 +40,7 @@ from eqdiff.data.images import jpeg_thumbnail
 from eqdiff.data.masks import LEARNED_EXTRACTORS
 from eqdiff.data.prompts import PromptSet
 from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
+from eqdiff.method.models import check_base_model
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ArtifactStore, StorageError, keys, store_from_config
 from eqdiff.store.errors import is_transient
@@ -52,6 +53,8 @@ from tasks import stages as stage_tasks
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "eqdiff"
+# The flow's default run: the Prefect UI's form starts from it, filled in field by field
+DEFAULT_PARAMS = CustomizeParams()
 
 
 @dataclass
@@ -256,16 +259,15 @@ def select_subjects(dataset: Dataset, wanted: Iterable[str]
 
 def _flow_run_name() -> str:
     """A customize run's flow run is named after its run id (found again by it)."""
-    params = flow_run.get_parameters().get("params")
+    params = flow_run.get_parameters().get("params", DEFAULT_PARAMS)
     if isinstance(params, dict):
         params = CustomizeParams(**params)
-    return (params or CustomizeParams()).derived_run_id()
+    return params.derived_run_id()
 
 
 @flow(name="customize-dataset", flow_run_name=_flow_run_name, on_crashed=[crash_open_task_runs])
-def customize_dataset(params: CustomizeParams | None = None) -> dict:
+def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
     """Customize every subject of a dataset with every method, then evaluate and report."""
-    params = params or CustomizeParams()
     log = get_run_logger()
     workdir = DEFAULT_WORKDIR
     run_id = params.derived_run_id()
@@ -277,6 +279,7 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
                               dino_model=offline.dino) if offline else None)
     config = params.run_config(base_model=base_model, eval_models=eval_models,
                                resolution=offline.resolution if offline else None)
+    check_base_model(base_model, local_files_only=config.model.local_files_only)
     store = store_from_config(config.storage)
     store.check()
     for problem in dataset.problems:
@@ -300,7 +303,8 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
                                  f"{keys.run_lease(run_id)} (it stalled past the lease's "
                                  "expiry and another run may have taken over); its run record "
                                  "is not written: check that run, then rerun this one")
-        record = run_record(run_id, params, config, dataset, run, base_model, metric_models)
+        record = run_record(run_id, params, config, dataset, run, base_model, metric_models,
+                            [s.name for s in subjects] + list(unknown))
         record["record_at"] = save_run_record(store, run_id, record, DEFAULT_WORKDIR)
         report = None
         if run.done and record["record_at"] == store.location(keys.run_record(run_id)):
@@ -316,8 +320,8 @@ def customize_dataset(params: CustomizeParams | None = None) -> dict:
         log.error("run %s: scores could not be read for the Prefect artifacts: %s", run_id,
                   _error_text(error))
         publish_artifacts(None, run_id, record, report)
-    log.info("run %s finished: %d done, %d failed%s", run_id,
-             sum(v == "done" for v in record["status"].values()), len(run.failed),
+    log.info("run %s finished: %d of %d units done%s", run_id,
+             sum(v == "done" for v in record["units"].values()), len(record["units"]),
              f"; report: {report['location']}" if report else "")
     return {**record, "report": report}
 
@@ -367,16 +371,26 @@ def evaluation_prompts(dataset: Dataset, subject: Subject, params: CustomizePara
 
 
 def run_record(run_id: str, params: CustomizeParams, config: RunConfig, dataset: Dataset,
-               run: Outcome, base_model: str, metric_models: dict[str, str]) -> dict:
-    """``run.json``: parameters, resolved config, per-item status with failure reasons."""
+               run: Outcome, base_model: str, metric_models: dict[str, str],
+               subjects: list[str]) -> dict:
+    """``run.json``: parameters, resolved config, per-item status with failure reasons, and
+    ``units``: every requested (subject, method) with its outcome (a unit fails with its
+    subject when the subject failed before training)."""
     status = {key: f"failed: {reason}" for key, reason in run.failed.items()}
     for key in run.done:
         status.setdefault(key, "done")
+    units = {}
+    for subject in subjects:
+        for method in config.methods:
+            key = f"{subject}/{method.name}"
+            units[key] = status.get(key) or status.get(subject) or "failed: not run"
     return {"run_id": run_id, "params": params.model_dump(mode="json"),
             "config": to_dict(config), "base_model": base_model,
             "metric_models": metric_models, "dataset": str(dataset.root),
             "status": dict(sorted(status.items())), "failures": dict(sorted(run.failed.items())),
-            "records": run.done, "dataset_problems": [p.message for p in dataset.problems]}
+            "records": run.done, "units": units,
+            "dataset_problems": [{"kind": p.kind, "subject": p.subject, "message": p.message}
+                                 for p in dataset.problems]}
 
 
 def save_run_record(store: ArtifactStore, run_id: str, record: dict, workdir: Path, *,
@@ -427,8 +441,13 @@ def publish_artifacts(store: ArtifactStore | None, run_id: str, record: dict,
                   f"{run_id} "
                   "--link 3600`", ""]
     failed = {k: v for k, v in record["status"].items() if v.startswith("failed")}
-    lines += [f"**{len(record['status']) - len(failed)}** items done, **{len(failed)}** failed.",
-              ""]
+    units = record["units"]
+    done = sum(v == "done" for v in units.values())
+    lines += [f"**{done}** of **{len(units)}** (subject, method) units done.", ""]
+    if record["dataset_problems"]:
+        lines += ["**Dataset problems** (not fatal; these subjects or files were left out):", ""]
+        lines += [f"- {p['message']}" for p in record["dataset_problems"]]
+        lines.append("")
     if failed:
         lines += ["| item | reason |", "|---|---|"]
         lines += [f"| {k} | {v.removeprefix('failed: ')} |" for k, v in failed.items()]

@@ -88,6 +88,18 @@ class CustomizeParams(BaseModel):
                              f"{value!r}")
         return value
 
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, object]) -> dict[str, object]:
+        """Unknown keys are refused at submission, with the closest known ones; values are
+        checked when the run's configuration is built (some depend on the base model)."""
+        try:
+            with_overrides(RunConfig(), dict(value))
+        except ValueError as error:
+            if str(error).startswith("unknown config key"):
+                raise
+        return value
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:

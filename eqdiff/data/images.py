@@ -1,7 +1,8 @@
 """Loading, validating, hashing and normalising subject images.
 
-Every image goes through :func:`load_image` (decode fully, EXIF orientation, colour mode → RGB,
-size check, sha256 of the file bytes) and then :func:`normalise_image` (square, centred, resized
+Every image goes through :func:`load_image` (decode fully, first frame of an animation, EXIF
+orientation, colour mode → RGB with 16/32-bit and float data scaled to 8 bits, size check, blank
+check, sha256 of the file bytes) and then :func:`normalise_image` (square, centred, resized
 to the training resolution). Both record what they changed so the preprocessing manifest can say
 so. Failures are :class:`ImageError` (a ``ValueError``) naming the file and the reason.
 
@@ -28,8 +29,14 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MIN_SIDE = 32
+# An image whose every colour channel has a standard deviation below this (on 0..255) is taken
+# for blank: a lens cap, an empty scan, a failed export.
+DEFAULT_MIN_STD = 2.0
+_BLANK_CHECK_SIDE = 1024  # larger images are checked on every k-th pixel (no averaging)
+_TIFF_BITS_PER_SAMPLE = 258
+_TIFF_SAMPLE_FORMAT = 339  # 1 unsigned, 2 signed integer, 3 float
 DEFAULT_MAX_CROP_RATIO = 1.1
 PadMode = Literal["edge", "reflect", "constant"]
 PAD_MODES: tuple[str, ...] = ("edge", "reflect", "constant")
@@ -65,10 +72,27 @@ def list_images(folder: str | Path) -> list[Path]:
 
     Hidden files and sub-folders are skipped; the files are not opened here.
     """
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Split the files directly in ``folder`` into images (as :func:`list_images`) and the
+    others, each with the reason it is not used; both sorted by name.
+
+    Hidden files (names starting with ``.``, e.g. ``.DS_Store``) and sub-folders are in neither.
+    """
+    images, others = [], []
+    accepted = ", ".join(sorted(IMAGE_SUFFIXES))
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others.append((path, f"not an accepted image type ({suffix or 'no suffix'}); "
+                                 f"accepted: {accepted}"))
+    return images, others
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,22 +112,31 @@ class LoadedImage:
     source_size: tuple[int, int]  # (width, height) as stored, before the EXIF rotation
     exif_orientation: int  # 1 = upright (nothing applied); 2..8 = the transform applied
     mode_conversion: str  # "" when the file was already RGB
+    frames: int = 1  # frames or pages in the file; only the first is used
 
 
-def _scale_to_uint8(values: np.ndarray, mode: str) -> tuple[np.ndarray, str]:
+def _scale_to_uint8(values: np.ndarray, mode: str,
+                    full_scale: int | None = None) -> tuple[np.ndarray, str]:
     """Map a single-channel integer/float array to uint8, saying which rule was used.
 
+    ``full_scale`` is the largest value the file's integer sample type can hold (65535 for
+    16-bit), when known: the scale then follows the bit depth, not the values, so a dark photo
+    stays dark and a gradient keeps its steps.
+
     - 16-bit ("I;16*"): divided by 257 (65535 → 255).
-    - 32-bit integer ("I"): as is when within 0..255, divided by 257 when within 0..65535 (how
-      16-bit files often decode), otherwise stretched min..max → 0..255.
+    - integer ("I") with a known ``full_scale``: × 255 / ``full_scale``; negative values → 0.
+    - integer ("I") of unknown depth: as is when within 0..255, divided by 257 when within
+      0..65535 (how 16-bit files often decode), otherwise stretched min..max → 0..255.
     - float ("F"): NaN/inf → 0; ×255 when within [0, 1], as is within [0, 255], else stretched.
     """
     values = values.astype(np.float64)
     if mode == "F":
         values = np.where(np.isfinite(values), values, 0.0)
     low, high = float(values.min()), float(values.max())
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or (mode == "I" and full_scale == 65535):
         scaled, rule = values / 257.0, "16-bit scaled by 1/257"
+    elif mode == "I" and full_scale:
+        scaled, rule = values * (255.0 / full_scale), f"scaled by 255/{full_scale} (bit depth)"
     elif mode == "F" and low >= 0 and high <= 1:
         scaled, rule = values * 255.0, "float [0,1] scaled by 255"
     elif low >= 0 and high <= 255:
@@ -116,19 +149,21 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> tuple[np.ndarray, str]:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), rule
 
 
-def to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None, str]:
+def to_rgb(image: Image.Image, *,
+           full_scale: int | None = None) -> tuple[Image.Image, Image.Image | None, str]:
     """Convert any PIL mode to RGB uint8; returns ``(rgb, alpha or None, description)``.
 
-    Transparent images are composited on white and their alpha is returned ("L"). The
-    description is "" when ``image`` already was RGB. Raises ``ValueError`` for modes PIL cannot
-    convert to RGB.
+    Transparent images are composited on white and their alpha is returned ("L"). Integer and
+    float data are scaled as :func:`_scale_to_uint8` says (``full_scale``: the largest value of
+    the file's integer sample type, when known). The description is "" when ``image`` already
+    was RGB. Raises ``ValueError`` for modes PIL cannot convert to RGB.
     """
     mode = image.mode
     if mode == "RGB":
         return image, None, ""
     rule = ""
     if mode.startswith("I") or mode == "F":
-        gray, rule = _scale_to_uint8(np.asarray(image), mode)
+        gray, rule = _scale_to_uint8(np.asarray(image), mode, full_scale)
         work = Image.fromarray(gray)  # 2-D uint8 → mode "L"
     elif mode == "1":
         work = image.convert("L")
@@ -158,11 +193,47 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None, str]:
     return rgb, alpha, f"{mode}->RGB" + (f" ({notes})" if notes else "")
 
 
-def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE) -> LoadedImage:
+def _first_tag(tags: Any, tag: int) -> int | None:
+    value = tags.get(tag)
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return int(value) if value else None
+
+
+def _full_scale(image: Image.Image) -> int | None:
+    """The largest value of the file's integer sample type, for mode "I", where PIL does not
+    keep the bit depth; None when the file does not say."""
+    if image.mode != "I":
+        return None
+    if image.format == "PNG":
+        return 65535  # PNG has no deeper samples: "I" from a PNG is 16-bit data
+    tags = getattr(image, "tag_v2", None)  # TIFF
+    bits = _first_tag(tags, _TIFF_BITS_PER_SAMPLE) if tags is not None else None
+    if not bits:
+        return None
+    signed = _first_tag(tags, _TIFF_SAMPLE_FORMAT) == 2
+    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+
+
+def pixel_spread(image: Image.Image) -> float:
+    """The largest per-channel standard deviation of an RGB image's pixels, on 0..255.
+
+    Images larger than 1024 px are measured on every k-th row and column: single pixels are
+    kept, not averaged, so fine texture still counts.
+    """
+    step = -(-max(image.size) // _BLANK_CHECK_SIDE)
+    sample = np.asarray(image.convert("RGB"))[::step, ::step].reshape(-1, 3)
+    return float(sample.astype(np.float32).std(axis=0).max())
+
+
+def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE,
+               min_std: float = DEFAULT_MIN_STD) -> LoadedImage:
     """Read, fully decode and validate one image file; see :class:`LoadedImage`.
 
-    Raises :class:`ImageError` for unreadable, empty, non-image, corrupt or truncated files, and
-    for images whose short side (after EXIF rotation) is below ``min_side`` pixels.
+    Raises :class:`ImageError` for unreadable, empty, non-image, corrupt or truncated files, for
+    images whose short side (after EXIF rotation) is below ``min_side`` pixels, and for blank
+    or nearly uniform images (:func:`pixel_spread` below ``min_std``; 0 turns the check off).
+    Of an animated or multi-page file only the first frame is used, and ``frames`` says so.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere in this "
@@ -181,10 +252,12 @@ def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE) -> LoadedI
                 opened.load()  # force the full decode: truncation and corruption show up here
                 orientation = int(opened.getexif().get(_EXIF_ORIENTATION, 1) or 1)
                 upright = ImageOps.exif_transpose(opened)
+                frames = int(getattr(opened, "n_frames", 1) or 1)
             except (OSError, SyntaxError, ValueError, EOFError, TypeError) as error:
                 raise ImageError(path, f"corrupt or truncated {source_format} data "
                                        f"({error})") from error
             source_mode, source_size = opened.mode, opened.size
+            full_scale = _full_scale(opened)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -194,18 +267,24 @@ def load_image(path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE) -> LoadedI
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # the header is already broken
         raise ImageError(path, f"corrupt or truncated image header ({error})") from error
     try:
-        rgb, alpha, conversion = to_rgb(upright)
+        rgb, alpha, conversion = to_rgb(upright, full_scale=full_scale)
     except ValueError as error:
         raise ImageError(path, str(error)) from error
     width, height = rgb.size
     if min(width, height) < min_side:
         raise ImageError(path, f"image too small: {width}x{height}, the short side must be at "
                                f"least {min_side} px")
+    spread = pixel_spread(rgb)
+    if spread < min_std:
+        raise ImageError(path, f"blank or nearly uniform image (pixel standard deviation "
+                               f"{spread:.2f} of 255, below {min_std:g})")
+    if frames > 1:
+        logger.info("%s: %d frames; only the first is used", path, frames)
     return LoadedImage(path=path, sha256=bytes_sha256(data), image=rgb, alpha=alpha,
                        source_format=source_format, source_mode=source_mode,
                        source_size=source_size,
                        exif_orientation=orientation if 2 <= orientation <= 8 else 1,
-                       mode_conversion=conversion)
+                       mode_conversion=conversion, frames=frames)
 
 
 # --------------------------------------------------------------------------- squaring
@@ -324,10 +403,13 @@ class ImageChanges:
     pad_mode: str | None
     resized_from: tuple[int, int] | None  # square side before resizing, as (w, h)
     resolution: int
+    frames: int = 1  # frames or pages in the source file; only the first is used
 
     def describe(self) -> list[str]:
         """Human-readable list of changes (empty when the image was used as is)."""
         notes = []
+        if self.frames > 1:
+            notes.append(f"first of {self.frames} frames used (animated or multi-page file)")
         if self.exif_orientation != 1:
             notes.append(f"EXIF orientation {self.exif_orientation} applied")
         if self.mode_conversion:
@@ -351,6 +433,7 @@ class ImageChanges:
                 "pad_mode": self.pad_mode,
                 "resized_from": list(self.resized_from) if self.resized_from else None,
                 "resolution": self.resolution,
+                "frames": self.frames,
                 "notes": self.describe()}
 
 
@@ -375,7 +458,8 @@ def normalise_image(loaded: LoadedImage, resolution: int, *,
         exif_orientation=loaded.exif_orientation, mode_conversion=loaded.mode_conversion,
         upright_size=loaded.image.size, crop_box=fit.crop_box if fit.cropped else None,
         padding=fit.padding if fit.padded else None, pad_mode=pad_mode if fit.padded else None,
-        resized_from=(side, side) if fit.resized else None, resolution=resolution)
+        resized_from=(side, side) if fit.resized else None, resolution=resolution,
+        frames=loaded.frames)
     alpha = fit_mask(loaded.alpha, fit) if loaded.alpha is not None else None
     return NormalisedImage(image=fit_image(loaded.image, fit), alpha=alpha, fit=fit,
                            changes=changes)

@@ -22,6 +22,7 @@ import pandas as pd
 from eqdiff.config import RunConfig, config_hash, from_dict
 from eqdiff.evaluation.metrics import SCORE_COLUMNS
 from eqdiff.evaluation.report import FAILURE_COLUMNS, check_scores, write_report
+from eqdiff.evaluation.report.tables import DATASET_ROW
 from eqdiff.store import ArtifactNotFoundError, ArtifactStore, ObjectInfo, keys
 from eqdiff.store.keys import RUN_RECORD, SCORES_FILE, unescape_segment
 
@@ -56,8 +57,9 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
     """All finished score tables of a run, concatenated, and the failures table.
 
     Failures are the pairs the run record marks ``failed: …`` (a failed subject counts for each
-    of the run's methods), pairs it marks done that have no finished scores, and score files
-    without a completion marker (never read).
+    of the run's methods), pairs it marks done that have no finished scores, score files
+    without a completion marker (never read), and the dataset's problems (method
+    ``DATASET_ROW``: a folder nobody listed, a listed subject without photos, ...).
     """
     run = dict(run if run is not None else read_run_record(store, run_id))
     root = keys.scores_root(run_id) + "/"
@@ -88,6 +90,8 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
         reason = (str(status).removeprefix("failed:").strip() if str(status).startswith("failed")
                   else f"no scores stored (stage status: {status})")
         failures.append((subject, method, reason))
+    for problem in run.get("dataset_problems", []):  # left out while loading the dataset
+        failures.append((problem["subject"], DATASET_ROW, problem["message"]))
     scores = (check_scores(pd.concat(tables, ignore_index=True)) if tables
               else pd.DataFrame(columns=list(SCORE_COLUMNS)))
     logger.info("%s: run %s: %d score row(s) from %d table(s), %d failure(s)", store.url,

@@ -104,6 +104,43 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def _locate(source: str) -> str:
+    """A diffusers folder (checked for its subfolders) or a hub id, from ``source``; a missing
+    folder or a pickled checkpoint is a :class:`ModelLoadError`."""
+    expanded = Path(source).expanduser()
+    if expanded.suffix in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{source}: pickled checkpoints are not loaded (they can run code); "
+                             "convert it to .safetensors or give a diffusers folder")
+    if expanded.is_dir():
+        missing = [s for s in SD_SUBFOLDERS if not (expanded / s).is_dir()]
+        if missing:
+            raise ModelLoadError(f"{expanded} is not a diffusers Stable Diffusion folder: missing "
+                                 f"subfolder(s) {missing}")
+        return str(expanded)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"base model folder {expanded} does not exist")
+    return source
+
+
+def check_base_model(source: str, *, local_files_only: bool = False) -> None:
+    """Fail fast, without loading weights, for a base model that cannot load: a missing or
+    incomplete folder, a pickled checkpoint, a missing single file, or (offline) a hub id that
+    is not in the local Hugging Face cache."""
+    source = str(source)
+    expanded = Path(source).expanduser()
+    if expanded.suffix == ".safetensors":
+        if not expanded.is_file():
+            raise ModelLoadError(f"single-file checkpoint {expanded} does not exist")
+        return
+    location = _locate(source)
+    if location == source and (local_files_only or _offline()):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "unet/config.json"), str):
+            raise ModelLoadError(f"base model {source!r} is not in the local Hugging Face cache "
+                                 "and downloads are off: give a local folder, or cache it first")
+
+
 def load_sd_components(source: str, *, revision: str | None = None,
                        local_files_only: bool = False, config_folder: str | None = None,
                        torch_dtype: torch.dtype | None = None) -> SDComponents:
@@ -119,19 +156,7 @@ def load_sd_components(source: str, *, revision: str | None = None,
     if expanded.suffix == ".safetensors":
         return _load_single_file(expanded, config_folder=config_folder,
                                  local_files_only=local_files_only, torch_dtype=torch_dtype)
-    if expanded.suffix in PICKLE_SUFFIXES:
-        raise ModelLoadError(f"{source}: pickled checkpoints are not loaded (they can run code); "
-                             "convert it to .safetensors or give a diffusers folder")
-    if expanded.is_dir():
-        missing = [s for s in SD_SUBFOLDERS if not (expanded / s).is_dir()]
-        if missing:
-            raise ModelLoadError(f"{expanded} is not a diffusers Stable Diffusion folder: missing "
-                                 f"subfolder(s) {missing}")
-        location = str(expanded)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ModelLoadError(f"base model folder {expanded} does not exist")
-    else:
-        location = source
+    location = _locate(source)
     offline = local_files_only or _offline()
     kwargs: dict[str, Any] = {"local_files_only": offline}
     if revision:

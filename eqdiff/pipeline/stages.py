@@ -104,7 +104,9 @@ def preprocess(ctx: RunContext, subject: str) -> StageResult:
         local = read_ingested(store, ctx.run_id, subject).fetch(store, scratch / "dataset")
         manifest = preprocess_subject(local, scratch / "out", resolution=resolution)
         if manifest.status != "ok":
-            raise StageFailed(f"subject {subject!r}: {manifest.reason}")
+            rejected = "; ".join(_summary(manifest)["rejected"])
+            raise StageFailed(f"subject {subject!r}: {manifest.reason}"
+                              + (f" ({rejected})" if rejected else ""))
         return Produced(scratch / "out", {"images": len(manifest.images)},
                         returned=_summary(manifest))
 

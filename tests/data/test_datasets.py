@@ -204,7 +204,7 @@ def test_plain_yaml_layout_with_inline_prompts(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("csv_text,message", [
     ("name,class\nrex,dog\n", ":1: header"),
-    ("subject,class\nrex,dog\n../up,dog\n", ":3: invalid subject name"),
+    ("subject,class,folder\nrex,dog,\n../up,dog,up\n", ":3: invalid subject name"),
     ("subject,class\nrex,\n", ":2: .*class noun is empty"),
     ("subject,class,kind\nrex,dog,plant\n", ":2: kind must be"),
     ("subject,class,prompt_set\nrex,dog,nope\n", ":2: unknown prompt set 'nope'"),

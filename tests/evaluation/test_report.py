@@ -276,6 +276,25 @@ def test_subject_level_status_fails_every_method_and_done_is_ignored(tmp_path: P
                     ("z", "n", "preprocess: 0 usable images")]
 
 
+def test_dataset_problems_are_in_the_failures_section_and_in_no_method_row(
+        tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    table = _hand_table()
+    save_scores(store, table[table["subject"] == "a"], run_id="r3", subject="a", method="m",
+                config_hash="abc")
+    store.put_json("runs/r3/run.json", {
+        "run_id": "r3", "config": {"methods": [{"name": "m"}]},
+        "status": {"a": "done", "a/m": "done"},
+        "dataset_problems": [{"kind": "unlisted_folder", "subject": "stray",
+                              "message": "folder 'stray' is not listed in subjects.csv"}]})
+    page = rebuild_report(store, "r3", tmp_path / "out")
+    summary = pd.read_csv(page.parent / "summary.csv")
+    assert "(dataset)" not in set(summary["method"])  # the dataset row is no method
+    html = page.read_text()
+    assert ">stray</td>" in html and "is not listed in subjects.csv" in html
+    assert ">(dataset)</td>" in html
+
+
 def test_cli_rebuilds_the_report_from_stored_scores(tmp_path: Path) -> None:
     from flows.cli import main
 

@@ -24,6 +24,8 @@ import pandas as pd
 
 from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
 
+DATASET_ROW = "(dataset)"  # the "method" of a failures row about the dataset, not a training
+
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 FAILURE_COLUMNS = ("subject", "method", "reason")
@@ -86,6 +88,7 @@ def subject_table(scores: pd.DataFrame, failures: pd.DataFrame | None = None) ->
     failed (subject, method) without any rows appears with NaN scores and its recorded reason.
     """
     scores, failures = check_scores(scores), check_failures(failures)
+    failures = failures[failures["method"] != DATASET_ROW]  # about the data, not a method
     keys = ["method", "subject", "class", "kind"]
     grouped = scores.groupby(keys, sort=False, dropna=False)
     table = grouped[list(METRICS)].agg(lambda col: col.mean(skipna=False)).reset_index()
@@ -182,10 +185,15 @@ def class_wide_table(classes: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def failure_table(subjects: pd.DataFrame) -> pd.DataFrame:
-    """Every (subject, method) whose scores are incomplete, with the reason."""
-    bad = subjects[~_scored(subjects)]
-    return bad.loc[:, list(FAILURE_COLUMNS)].reset_index(drop=True)
+def failure_table(subjects: pd.DataFrame, failures: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every (subject, method) whose scores are incomplete, with the reason, then the dataset's
+    problems (``failures`` rows whose method is ``DATASET_ROW``)."""
+    bad = subjects[~_scored(subjects)].loc[:, list(FAILURE_COLUMNS)]
+    failures = check_failures(failures)
+    dataset = failures[failures["method"] == DATASET_ROW]
+    if dataset.empty:
+        return bad.reset_index(drop=True)
+    return pd.concat([bad, dataset], ignore_index=True)
 
 
 def load_published() -> tuple[pd.DataFrame, str]:

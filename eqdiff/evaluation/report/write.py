@@ -43,7 +43,7 @@ def write_report(scores: pd.DataFrame, out: str | Path, *,
     methods = method_table(subjects)
     prompts = prompt_table(scores)
     classes = class_table(subjects)
-    problems = failure_table(subjects)
+    problems = failure_table(subjects, failures)
     published, note = load_published()
     provenance = dict(provenance or {})
     plots = {"methods": plot_methods(methods, out / "plots" / "methods.png"),
