@@ -133,7 +133,7 @@ def check_base_model(source: str, *, local_files_only: bool = False) -> None:
             raise ModelLoadError(f"single-file checkpoint {expanded} does not exist")
         return
     location = _locate(source)
-    if location == source and (local_files_only or _offline()):
+    if not Path(location).is_dir() and (local_files_only or _offline()):  # a hub id
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(source, "unet/config.json"), str):

@@ -160,7 +160,8 @@ def test_a_run_record_the_store_cannot_take_goes_to_a_named_local_file(read_only
                                                                         tmp_path, caplog):
     from flows.customize import save_run_record
 
-    logging.getLogger("flows").addHandler(caplog.handler)  # importing Prefect reset the root's
+    # importing Prefect may have reset the root logger's handlers (caplog's among them)
+    logging.getLogger("flows").addHandler(caplog.handler)
     record = {"run_id": "r1", "status": {"red_ball": "failed: masks: the store is read-only"}}
     started = time.monotonic()
     where = save_run_record(read_only_store, "r1", record, tmp_path / "work")
@@ -168,7 +169,7 @@ def test_a_run_record_the_store_cannot_take_goes_to_a_named_local_file(read_only
     saved = json.loads(Path(where).read_text())
     assert saved["status"] == record["status"] and saved["record_at"] == where
     assert Path(where).parent == tmp_path / "work" / "run-records"
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors = sorted({r.getMessage() for r in caplog.records if r.levelname == "ERROR"})
     assert len(errors) == 1 and "read-only" in errors[0] and where in errors[0]
     assert "runs/r1/run.json" in errors[0]
     logging.getLogger("flows").removeHandler(caplog.handler)

@@ -14,7 +14,12 @@ from eqdiff.fixtures.zoo import (
     save_clip_tokenizer,
     tiny_sd_pipeline,
 )
-from eqdiff.method.models import ModelLoadError, load_sd_components, model_identity
+from eqdiff.method.models import (
+    ModelLoadError,
+    check_base_model,
+    load_sd_components,
+    model_identity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +88,19 @@ def test_uncached_hub_id_offline_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_sd_components("someone/not-a-real-model", local_files_only=True)
+
+
+def test_the_pre_flight_check_agrees_with_the_loader_without_loading(tiny_sd, tmp_path,
+                                                                   monkeypatch):
+    check_base_model(tiny_sd, local_files_only=True)  # a complete folder passes
+    (tmp_path / "unet").mkdir()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for source, reason in ((str(tmp_path / "nowhere"), "does not exist"),
+                           (str(tmp_path), r"missing subfolder\(s\)"),
+                           ("someone/not-a-real-model", "not in the local Hugging Face cache"),
+                           (str(tmp_path / "model.ckpt"), "pickled")):
+        with pytest.raises(ModelLoadError, match=reason):
+            check_base_model(source, local_files_only=True)
 
 
 def test_model_identity_tells_local_models_apart(tiny_sd, tmp_path):
