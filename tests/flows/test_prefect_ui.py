@@ -128,7 +128,7 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
             page.locator("a[href*='/deployments/deployment/']").filter(
                 has_text=re.compile(r"^\s*customize-dataset\s*$")).first.click()
             page.wait_for_url(f"**/deployments/deployment/{deployment.id}**")
-            expect(page.get_by_text("flows/customize.py:customize_dataset")).to_be_visible()
+            expect(page.get_by_text("flows.customize.customize_dataset")).to_be_visible()
             shot(page, "01-deployment")
 
             # Run → Custom run: the params model as a nested form
@@ -198,7 +198,8 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
             report_link.click()
             page.wait_for_url("**/artifacts/**")
             expect(page.get_by_text(f"EqDiff run {run_id}").first).to_be_visible()
-            expect(page.get_by_text(re.compile(r"\d+ items done, 0 failed")).first).to_be_visible()
+            all_done = re.compile(r"(\d+) of \1 \(subject, method\) units done")
+            expect(page.get_by_text(all_done).first).to_be_visible()
             shot(page, "07-report-artifact", full_page=True)
         except Exception:
             path = shot(page, "failure", full_page=True)

@@ -21,25 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load
+from stage_setup import METHOD, StopAtStep, context, demo_subject, prepared
 
-from eqdiff.config import (
-    EvalConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    StorageConfig,
-    TrainConfig,
-    method_preset,
-)
-from eqdiff.data.datasets import Subject, load_dataset
-from eqdiff.data.prompts import PromptSet
-from eqdiff.fixtures.demo_data import write_demo_dataset
+from eqdiff.config import method_preset
+from eqdiff.data.datasets import Subject
 from eqdiff.pipeline import stages
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ChecksumMismatchError, LocalStore, keys
 
-METHOD = "custom-diffusion"
-PROMPTS = PromptSet("test", ("a photo of {token} {class_noun}",))
 STEPS = 3
 REJECTED_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z-last\.pt")
 
@@ -59,46 +48,11 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory) -> Subject:
-    root = write_demo_dataset(tmp_path_factory.mktemp("data"), size=64, images_per_subject=3)
-    return load_dataset(root).subjects[0]
+    return demo_subject(tmp_path_factory.mktemp("data"))
 
 
-def context(folder: Path, tiny_zoo: dict) -> RunContext:
-    config = RunConfig(
-        model=ModelConfig(base_model=str(tiny_zoo["base"]), local_files_only=True),
-        methods=(method_preset(METHOD),),
-        train=TrainConfig(resolution=64, steps=STEPS, num_prior_images=2, checkpoint_every=1),
-        sample=SampleConfig(resolution=64, steps=2, images_per_prompt=1),
-        eval=EvalConfig(clip_model=str(tiny_zoo["clip"]), clip_pretrained="",
-                        dino_model=str(tiny_zoo["dino"])),
-        storage=StorageConfig(url=str(folder)))
-    return RunContext("faults", config)
-
-
-def prepared(folder: Path, tiny_zoo: dict, subject: Subject) -> RunContext:
-    """A store with the subject's photos and masks done, like the flow leaves it."""
-    ctx = context(folder, tiny_zoo)
-    stages.ingest(ctx, subject, PROMPTS)
-    stages.preprocess(ctx, subject.name)
-    stages.extract_masks(ctx, subject.name)
-    return ctx
-
-
-class StopAtStep:
-    """Interrupts the run when ``step`` finishes (a lost worker); step 1 is checkpointed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_start(self, start_step: int, total_steps: int) -> None:
-        pass
-
-    def on_step(self, result, trainer) -> None:
-        if result.step == self.step:
-            raise KeyboardInterrupt(f"stopped at step {self.step}")
-
-    def on_end(self, trainer) -> None:
-        pass
+def store_context(folder: Path, tiny_zoo: dict) -> RunContext:
+    return context(folder, tiny_zoo, steps=STEPS, run_id="faults")
 
 
 def train(ctx: RunContext, subject: Subject, **options) -> stages.StageResult:
@@ -185,7 +139,7 @@ FAULTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_zoo, subject) -> dict[str, torch.Tensor]:
     """The concept a training from step 0 makes: what every rejected checkpoint must give."""
-    ctx = prepared(tmp_path_factory.mktemp("whole"), tiny_zoo, subject)
+    ctx = prepared(store_context(tmp_path_factory.mktemp("whole"), tiny_zoo), subject)
     train(ctx, subject)
     return concept_tensors(ctx, subject)
 
@@ -195,14 +149,14 @@ def left_behind(tmp_path_factory, tiny_zoo, subject) -> tuple[Path, str]:
     """A store where a training was interrupted after step 2: its folder and the key of the
     checkpoint of step 1. Each test works on a copy."""
     folder = tmp_path_factory.mktemp("interrupted") / "store"
-    return folder, interrupted(prepared(folder, tiny_zoo, subject), subject)
+    return folder, interrupted(prepared(store_context(folder, tiny_zoo), subject), subject)
 
 
 def copy_of(left_behind: tuple[Path, str], tmp_path: Path, tiny_zoo: dict
             ) -> tuple[RunContext, str]:
     folder, key = left_behind
     shutil.copytree(folder, tmp_path / "store")
-    return context(tmp_path / "store", tiny_zoo), key
+    return store_context(tmp_path / "store", tiny_zoo), key
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))

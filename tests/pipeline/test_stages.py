@@ -7,30 +7,16 @@ says which, and a bad subject fails without leaving a marker.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from stage_setup import METHOD, PROMPTS, StopAtStep, context, demo_subject, prepared
 
-from eqdiff.config import (
-    EvalConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    StorageConfig,
-    TrainConfig,
-    method_preset,
-    with_overrides,
-)
+from eqdiff.config import method_preset, with_overrides
 from eqdiff.data.datasets import Subject, load_dataset
-from eqdiff.data.prompts import PromptSet
 from eqdiff.fixtures.demo_data import write_demo_dataset
 from eqdiff.pipeline import stages
 from eqdiff.pipeline.skeleton import RunContext, StageFailed, UpstreamNotDone
 from eqdiff.store import keys
 from eqdiff.store.keys import MARKER_NAME
-
-METHOD = "custom-diffusion"
-PROMPTS = PromptSet("test", ("a photo of {token} {class_noun}",))
 
 
 def never_called():
@@ -39,20 +25,7 @@ def never_called():
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory) -> Subject:
-    root = write_demo_dataset(tmp_path_factory.mktemp("data"), size=64, images_per_subject=3)
-    return load_dataset(root).subjects[0]
-
-
-def context(folder: Path, tiny_zoo: dict, *, steps: int = 2) -> RunContext:
-    config = RunConfig(
-        model=ModelConfig(base_model=str(tiny_zoo["base"]), local_files_only=True),
-        methods=(method_preset(METHOD),),
-        train=TrainConfig(resolution=64, steps=steps, num_prior_images=2, checkpoint_every=1),
-        sample=SampleConfig(resolution=64, steps=2, images_per_prompt=1),
-        eval=EvalConfig(clip_model=str(tiny_zoo["clip"]), clip_pretrained="",
-                        dino_model=str(tiny_zoo["dino"])),
-        storage=StorageConfig(url=str(folder)))
-    return RunContext("stagetest", config)
+    return demo_subject(tmp_path_factory.mktemp("data"))
 
 
 def scorers_of(ctx: RunContext):
@@ -127,31 +100,6 @@ def test_stages_write_markers_then_skip_and_redo_only_what_a_change_reaches(
     assert other["score"].info["scored"] == [METHOD]  # the real photos' scores stay
 
 
-class StopAtStep:
-    """A training callback that interrupts the run when ``step`` finishes (a lost worker)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_start(self, start_step: int, total_steps: int) -> None:
-        pass
-
-    def on_step(self, result, trainer) -> None:
-        if result.step == self.step:
-            raise KeyboardInterrupt(f"stopped at step {self.step}")
-
-    def on_end(self, trainer) -> None:
-        pass
-
-
-def prepared(folder: Path, tiny_zoo: dict, subject: Subject, *, steps: int) -> RunContext:
-    ctx = context(folder, tiny_zoo, steps=steps)
-    stages.ingest(ctx, subject, PROMPTS)
-    stages.preprocess(ctx, subject.name)
-    stages.extract_masks(ctx, subject.name)
-    return ctx
-
-
 def concept_tensors(ctx: RunContext, subject: Subject) -> dict:
     from safetensors.torch import load
 
@@ -164,10 +112,10 @@ def test_an_interrupted_training_resumes_from_its_stored_checkpoint(tmp_path, ti
     import torch
 
     method = method_preset(METHOD)
-    whole = prepared(tmp_path / "whole", tiny_zoo, subject, steps=3)
+    whole = prepared(context(tmp_path / "whole", tiny_zoo, steps=3), subject)
     stages.train(whole, subject.name, subject.class_noun, method, prior_prefix=None)
 
-    ctx = prepared(tmp_path / "interrupted", tiny_zoo, subject, steps=3)
+    ctx = prepared(context(tmp_path / "interrupted", tiny_zoo, steps=3), subject)
     with pytest.raises(KeyboardInterrupt):
         stages.train(ctx, subject.name, subject.class_noun, method, prior_prefix=None,
                      callbacks=[StopAtStep(2)])
@@ -185,7 +133,7 @@ def test_a_checkpoint_of_other_settings_is_never_resumed(tmp_path, tiny_zoo, sub
     """Rerunning a run id with other training settings starts afresh and says what it ignored
     (it used to fail every concept on the old run's checkpoint)."""
     method = method_preset(METHOD)
-    ctx = prepared(tmp_path / "store", tiny_zoo, subject, steps=3)
+    ctx = prepared(context(tmp_path / "store", tiny_zoo, steps=3), subject)
     with pytest.raises(KeyboardInterrupt):
         stages.train(ctx, subject.name, subject.class_noun, method, prior_prefix=None,
                      callbacks=[StopAtStep(2)])
