@@ -70,6 +70,8 @@ def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
     from tasks.logs import STAGE_LOGGERS
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))
+    # lines logged outside a flow run (this command's own summary) stay on the terminal only
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     from flows.customize import customize_dataset
 
     try:

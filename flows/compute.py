@@ -36,7 +36,8 @@ FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "PREFECT_
 # Set in every worker of our Ray job: tasks choose their GPU themselves (see the module doc),
 # and the stages' own log lines (resumes, rejected inputs, fallbacks) reach the Prefect UI
 RAY_WORKER_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
-                  "PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(STAGE_LOGGERS)}
+                  "PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(STAGE_LOGGERS),
+                  "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 DEFAULT_LOST_WORKER_RETRIES = 2
 
 
