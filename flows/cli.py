@@ -35,16 +35,29 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``name=value`` pairs; values are read as YAML (numbers, lists, true/false)."""
+    """``name=value`` pairs; values are read as YAML (numbers, lists, true/false). A dotted
+    name (``train.learning_rate=1e-5``) is an advanced setting: it goes to ``overrides``."""
     import yaml
 
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
+        name = name.strip()
         if not sep or not name:
-            raise SystemExit(f"--set expects name=value, got {pair!r}")
-        values[name.strip()] = yaml.safe_load(raw)
+            raise RunRefused(f"--set expects name=value, got {pair!r}")
+        if "." in name:
+            values.setdefault("overrides", {})[name] = yaml.safe_load(raw)
+        else:
+            values[name] = yaml.safe_load(raw)
     return values
+
+
+def merge_run_data(file_data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A run file's parameters with ``--set`` ones on top (advanced settings merged)."""
+    data = {**file_data, **overrides}
+    if "overrides" in file_data and "overrides" in overrides:
+        data["overrides"] = {**file_data["overrides"], **overrides["overrides"]}
+    return data
 
 
 def _params(data: dict[str, Any]):  # CustomizeParams
@@ -55,7 +68,16 @@ def _params(data: dict[str, Any]):  # CustomizeParams
     try:
         return CustomizeParams(**data)
     except ValidationError as error:
-        raise SystemExit(f"invalid run parameters:\n{error}") from None
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'parameters'}: "
+                             f"{_plain(e)}" for e in error.errors())
+        raise RunRefused(f"invalid run parameters: {problems}") from None
+
+
+def _plain(error: dict) -> str:
+    """One pydantic error in words ("unknown parameter" for a key the run does not have)."""
+    if error["type"] == "extra_forbidden":
+        return "unknown parameter"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def _run_flow(params, *, start_server: bool) -> dict:  # CustomizeParams
@@ -137,10 +159,74 @@ def _summarise(record: dict) -> int:
     return EXIT_PARTIAL if len(failed) < len(units) else EXIT_FAILED
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_params(args: argparse.Namespace):  # CustomizeParams
     data = load_run_file(args.config) if args.config else {}
-    data.update(parse_overrides(args.set or []))
-    return _summarise(_run_flow(_params(data), start_server=not args.no_server))
+    return _params(merge_run_data(data, parse_overrides(args.set or [])))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    params = _run_params(args)
+    if args.dry_run:
+        return _show_plan(params)
+    return _summarise(_run_flow(params, start_server=not args.no_server))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    return _show_plan(_run_params(args))
+
+
+def _show_plan(params, previous: dict | None = None) -> int:  # CustomizeParams
+    """Print what a run of ``params`` would do, per (subject, method) and stage; nothing runs
+    and no Prefect server or Ray instance is started."""
+    from flows.customize import prepare_run, previous_record
+
+    try:
+        setup = prepare_run(params)
+    except (ValueError, OSError) as error:
+        raise RunRefused(_first_line(error)) from error
+    plan = setup.plan()
+    if previous is None:
+        previous = previous_record(setup.store, setup.ctx.run_id)
+    sys.stdout.write(format_plan(plan, previous) + "\n")
+    return 0
+
+
+def format_plan(plan, previous: dict) -> str:  # RunPlan
+    """The plan as a text table, with a summary line and, per unit, its last outcome."""
+    import pandas as pd
+
+    table = pd.DataFrame(plan.table(previous))
+    if table["last run"].eq("").all():
+        table = table.drop(columns="last run")
+    else:
+        table["last run"] = table["last run"].str.slice(0, 80)
+    lines = [plan.summary(), "", table.to_string(index=False)]
+    if previous.get("dataset_problems"):
+        lines += ["", "dataset problems in the last run:"]
+        lines += [f"  {p['message']}" for p in previous["dataset_problems"]]
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """The state of a run id in a store: its plan under the parameters it was run with."""
+    from eqdiff.store import open_store
+    from eqdiff.store.errors import ArtifactNotFoundError
+    from eqdiff.store.keys import run_lease, run_record
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url)
+    try:
+        record = store.get_json(run_record(args.run_id))
+    except ArtifactNotFoundError:
+        raise RunRefused(f"{store.location(run_record(args.run_id))} does not exist: run "
+                         f"{args.run_id!r} never finished in this store (eqdiff plan shows "
+                         "what a run would do)") from None
+    try:
+        lease = store.get_json(run_lease(args.run_id))
+        sys.stdout.write(f"a run of {args.run_id} holds its lease: {lease.get('holder')} "
+                         f"(expires {lease.get('expires_at')} unless renewed)\n")
+    except ArtifactNotFoundError:
+        pass
+    return _show_plan(_params(record["params"]), previous=record)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -335,7 +421,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-server", action="store_true",
                      help="do not start a local Prefect server (use PREFECT_API_URL or "
                           "Prefect's temporary server)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print what the run would do (eqdiff plan) and run nothing")
     run.set_defaults(handler=_cmd_run)
+
+    plan = commands.add_parser(
+        "plan", help="what a run would do: each stage of each (subject, method), done or to run",
+        description="Checks the run's dataset, base model and store, computes every stage's "
+                    "inputs hash and compares it with the store's markers. Runs nothing; "
+                    "starts no Prefect server and no Ray.")
+    plan.add_argument("-c", "--config", help="YAML run file")
+    plan.add_argument("--set", action="append", metavar="NAME=VALUE",
+                      help="override a parameter, as for eqdiff run")
+    plan.set_defaults(handler=_cmd_plan)
+
+    status = commands.add_parser(
+        "status", help="a run id's state: done, to run and last failures per unit",
+        description="Reads the run's record (run.json) and markers from the store and shows "
+                    "each (subject, method) stage as done or to run, with the last outcome.")
+    status.add_argument("run_id", help="name of the run in the store")
+    status.add_argument("--store", default="./artifacts", help="artifact store URL")
+    status.add_argument("--endpoint-url", default="", help="S3-compatible endpoint")
+    status.set_defaults(handler=_cmd_status)
 
     demo = commands.add_parser(
         "demo", help="the whole job on the toy world with its trained offline models",

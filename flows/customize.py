@@ -1,24 +1,29 @@
-"""``customize_dataset``: the whole DAG over a dataset, as a parent flow with stage subflows.
+"""``customize_dataset``: the whole DAG over a dataset, as one flow whose task runs are the
+steps of its units.
 
-    prepare subjects (preprocess → masks, per subject)
-    class priors (once per class) ─┐
-    train concepts (per subject × method, on Ray with one GPU each when the cluster has GPUs)
-    generate images → score → report
+    plan (every step's digest against its marker: done or to run)
+    ingest (in the flow's process) → preprocess → masks            per subject
+    class priors                                                    per class
+    train → generate                                                per (subject, method)
+    score (real photos and every generated method)                  per subject
+    report
 
-Every stage skips work whose completion marker exists in the store, so a rerun of a finished
-run costs seconds and an interrupted one continues (training from its last checkpoint). A
-subject that fails is recorded with its reason and the others go on.
+Only steps the plan finds to run are dispatched, each as soon as what it reads is done: a
+subject is generated and scored while others still train, and a finished run starts no Ray
+instance. An interrupted run continues (training from its last checkpoint). A subject that
+fails is recorded with its reason and the others go on.
 """
 
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,28 +31,28 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
-    create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
-from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from eqdiff.config import EvalConfig, MethodConfig, RunConfig, to_dict
+from eqdiff.config import EvalConfig, RunConfig, to_dict
 from eqdiff.data.datasets import Dataset, Subject, load_dataset
 from eqdiff.data.images import jpeg_thumbnail
 from eqdiff.data.masks import LEARNED_EXTRACTORS
 from eqdiff.data.prompts import PromptSet
+from eqdiff.evaluation.metrics import REAL_IMAGES
 from eqdiff.fixtures import FixtureModels, fixture_dataset, fixture_models
 from eqdiff.method.models import check_base_model
+from eqdiff.pipeline.plan import RunPlan, plan_run
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ArtifactStore, StorageError, keys, store_from_config
-from eqdiff.store.errors import is_transient
+from eqdiff.store.errors import ArtifactNotFoundError, is_transient
 from eqdiff.store.lease import LeaseLostError, default_holder, hold_lease
 from flows.compute import ComputePlan, check_topology, plan_compute
 from flows.interrupts import crash_open_task_runs, crash_orphaned_runs
 from flows.params import CustomizeParams
+from flows.schedule import Dispatcher, Job, Outcome, error_text
 from tasks import stages as stage_tasks
 
 logger = logging.getLogger(__name__)
@@ -55,86 +60,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_WORKDIR = Path.home() / ".cache" / "eqdiff"
 # The flow's default run: the Prefect UI's form starts from it, filled in field by field
 DEFAULT_PARAMS = CustomizeParams()
-
-
-@dataclass
-class Outcome:
-    """What a stage subflow finished (records by key) and what failed (reasons by key).
-
-    Keys are subject names, class nouns, or ``subject/method``.
-    """
-
-    done: dict[str, dict] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def merge(self, other: Outcome) -> None:
-        for key, records in other.done.items():
-            self.done.setdefault(key, {}).update(records)
-        self.failed.update(other.failed)
-
-
-def _error_text(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]
-
-
-def _settle(futures: dict[str, PrefectFuture], stage: str) -> Outcome:
-    """Wait for ``futures`` (with a progress artifact); failures keep their reason.
-
-    A task whose Ray worker or node was lost after its last retry comes back as a crashed
-    state (Ray's error as the reason); its task run, which the dead worker left Running, is
-    marked Crashed too, and the other units go on."""
-    outcome = Outcome()
-    progress = create_progress_artifact(0.0, description=f"{stage}: {len(futures)} item(s)")
-    for index, (key, future) in enumerate(futures.items(), start=1):
-        future.wait()
-        result = future.result(raise_on_failure=False)
-        if isinstance(result, BaseException):
-            reason = _error_text(result)
-            if future.state.is_crashed():
-                reason = _crash_reason(result)
-                _mark_crashed(future, reason)
-            outcome.failed[key] = f"{stage}: {reason}"
-            get_run_logger().error("%s %s failed: %s", stage, key, reason)
-        else:
-            outcome.done[key] = {stage: result}
-        update_progress_artifact(progress, 100.0 * index / max(len(futures), 1))
-    return outcome
-
-
-def _crash_reason(error: BaseException) -> str:
-    """Why a task came back crashed: its worker or node was lost (Ray's own errors), or it
-    raised before Prefect could run it in the worker (Ray wraps that in ``RayTaskError``)."""
-    cause = getattr(error, "cause", None)
-    if cause is not None:  # RayTaskError: the worker ran and raised
-        return f"failed in its Ray worker: {type(cause).__name__}: {_error_text(cause)}"
-    return f"lost its worker: {_error_text(error)}"
-
-
-def _mark_crashed(future: PrefectFuture, reason: str) -> None:
-    """Record in Prefect that a task run's worker died (it cannot say so itself)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-    from prefect.states import Crashed
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.set_task_run_state(future.task_run_id, Crashed(message=reason), force=True)
-        except (ObjectNotFound, PrefectHTTPStatusError) as error:
-            # the worker died before the server heard of its task run: nothing is left Running
-            if getattr(getattr(error, "response", None), "status_code", 404) != 404:
-                raise
-
-
-def _submit(task: Any, plan: ComputePlan, *, gpu: bool = True, **parameters: Any
-            ) -> PrefectFuture:
-    """Submit ``task``; on Ray it asks for the plan's GPUs only when ``gpu`` (it runs a model)."""
-    if plan.target == "ray":
-        from prefect_ray.context import remote_options
-
-        with remote_options(**plan.remote_options(gpu=gpu)):
-            return task.submit(**parameters)
-    return task.submit(**parameters)
 
 
 def masks_run_a_model(config: RunConfig) -> bool:
@@ -151,88 +76,6 @@ def _task_runner(plan: ComputePlan) -> Any:
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-# --------------------------------------------------------------------------- stage subflows
-# Parameters are our own frozen records: Prefect must pass them through, not re-validate them.
-
-@flow(name="prepare-subjects", validate_parameters=False, on_crashed=[crash_open_task_runs])
-def prepare_subjects(ctx: RunContext, subjects: list[Subject], prompt_sets: dict[str, PromptSet],
-                     plan: ComputePlan) -> Outcome:
-    """Ingest, preprocess then mask every subject; ``done`` holds the subjects ready to train.
-
-    Ingest runs here, in the flow's own process, which has just read the dataset: it is the
-    only step that opens dataset files. Everything after it reads the store's copy, on
-    whichever node Ray places it."""
-    outcome = Outcome()
-    ingested = Outcome()
-    for s in subjects:
-        state = stage_tasks.ingest(ctx, s, prompt_sets[s.name], return_state=True)
-        result = state.result(raise_on_failure=False)
-        if isinstance(result, BaseException):
-            ingested.failed[s.name] = f"ingest: {_error_text(result)}"
-            get_run_logger().error("ingest %s failed: %s", s.name, _error_text(result))
-        else:
-            ingested.done[s.name] = {"ingest": result}
-    outcome.merge(ingested)
-    prepared = _settle({name: _submit(stage_tasks.preprocess, plan, gpu=False, ctx=ctx,
-                                      subject=name)
-                        for name in ingested.done}, "preprocess")
-    outcome.merge(prepared)
-    masked = _settle({name: _submit(stage_tasks.extract_masks, plan,
-                                    gpu=masks_run_a_model(ctx.config), ctx=ctx, subject=name)
-                      for name in prepared.done}, "masks")
-    outcome.merge(masked)
-    outcome.done = {k: v for k, v in outcome.done.items() if k in masked.done}
-    return outcome
-
-
-@flow(name="train-concepts", validate_parameters=False, on_crashed=[crash_open_task_runs])
-def train_concepts(ctx: RunContext, subjects: list[Subject], plan: ComputePlan) -> Outcome:
-    """Class priors once per class, then one concept per (subject, method)."""
-    methods: tuple[MethodConfig, ...] = ctx.config.methods
-    classes = sorted({s.class_noun for s in subjects}) if any(
-        m.prior_preservation for m in methods) else []
-    priors = _settle({c: _submit(stage_tasks.class_priors, plan, ctx=ctx, class_noun=c)
-                      for c in classes}, "class priors")
-    outcome = Outcome()
-    futures = {}
-    for subject in subjects:
-        prior = priors.done.get(subject.class_noun, {}).get("class priors")
-        for method in methods:
-            key = f"{subject.name}/{method.name}"
-            if method.prior_preservation and prior is None:
-                outcome.failed[key] = priors.failed[subject.class_noun]
-                continue
-            futures[key] = _submit(stage_tasks.train_concept, plan, ctx=ctx, subject=subject.name,
-                                   class_noun=subject.class_noun, method=method,
-                                   prior_prefix=prior["prefix"] if prior else None)
-    outcome.merge(_settle(futures, "train"))
-    return outcome
-
-
-@flow(name="generate-images", validate_parameters=False, on_crashed=[crash_open_task_runs])
-def generate_images(ctx: RunContext, pairs: list[tuple[Subject, str]],
-                    prompts: dict[str, list[str]], plan: ComputePlan) -> Outcome:
-    """Images for every trained (subject, method), ``images_per_prompt`` per prompt."""
-    futures = {f"{s.name}/{m}": _submit(stage_tasks.generate_samples, plan, ctx=ctx,
-                                        subject=s.name, method=m, prompts=prompts[s.name])
-               for s, m in pairs}
-    outcome = Outcome()
-    outcome.merge(_settle(futures, "generate"))
-    return outcome
-
-
-@flow(name="evaluate", validate_parameters=False, on_crashed=[crash_open_task_runs])
-def evaluate(ctx: RunContext, methods_by_subject: dict[str, tuple[Subject, list[str]]],
-             plan: ComputePlan) -> Outcome:
-    """CLIP-I, CLIP-T and DINO per subject (real-image features once per subject)."""
-    futures = {name: _submit(stage_tasks.score_subject, plan, ctx=ctx, subject=name,
-                             methods=methods)
-               for name, (_, methods) in methods_by_subject.items()}
-    outcome = Outcome()
-    outcome.merge(_settle(futures, "score"))
-    return outcome
-
-
 # --------------------------------------------------------------------------- the parent flow
 
 def resolve_dataset(params: CustomizeParams, workdir: Path) -> Dataset:
@@ -245,16 +88,61 @@ def resolve_models(params: CustomizeParams, workdir: Path) -> FixtureModels | No
     return fixture_models(params.base_model, workdir)
 
 
-def select_subjects(dataset: Dataset, wanted: Iterable[str]
-                    ) -> tuple[list[Subject], dict[str, str]]:
-    """The requested subjects, and reasons for names the dataset does not have (not fatal)."""
-    wanted = list(wanted)
+def select_subjects(dataset: Dataset, wanted: Iterable[str]) -> list[Subject]:
+    """The requested subjects (all when none are named). A name the dataset does not have is
+    refused before any work, listed against the known names (a typo costs seconds, not a
+    run)."""
+    wanted = list(dict.fromkeys(wanted))
     if not wanted:
-        return list(dataset.subjects), {}
+        return list(dataset.subjects)
     known = {s.name: s for s in dataset.subjects}
-    unknown = {name: f"no subject {name!r} in {dataset.root}" for name in wanted
-               if name not in known}
-    return [known[name] for name in wanted if name in known], unknown
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        guesses = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                   for name in unknown
+                   for close in [difflib.get_close_matches(name, list(known), n=1)]]
+        raise ValueError(f"no subject {', '.join(guesses)} in {dataset.root}; its subjects: "
+                         f"{', '.join(sorted(known)) or 'none'}")
+    return [known[name] for name in wanted]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """A run's inputs resolved and checked: settings, dataset, subjects, prompts, store."""
+
+    ctx: RunContext
+    params: CustomizeParams
+    dataset: Dataset
+    subjects: list[Subject]
+    prompt_sets: dict[str, PromptSet]
+    prompts: dict[str, list[str]]
+    store: ArtifactStore
+    metric_models: dict[str, str]
+
+    def plan(self) -> RunPlan:
+        return plan_run(self.ctx, self.subjects, self.prompt_sets, self.prompts,
+                        store=self.store)
+
+
+def prepare_run(params: CustomizeParams, workdir: Path = DEFAULT_WORKDIR) -> RunSetup:
+    """The pre-flight of a run: base model, dataset, subjects and store, each checked before
+    any work (an unusable one raises, with one line saying what to fix)."""
+    offline = resolve_models(params, workdir)
+    base_model = offline.base if offline else params.base_model
+    dataset = resolve_dataset(params, workdir)
+    eval_models = (EvalConfig(clip_model=offline.clip, clip_pretrained="",
+                              dino_model=offline.dino) if offline else None)
+    config = params.run_config(base_model=base_model, eval_models=eval_models,
+                               resolution=offline.resolution if offline else None)
+    check_base_model(base_model, local_files_only=config.model.local_files_only,
+                     resolution=config.train.resolution)
+    store = store_from_config(config.storage)
+    store.check()
+    subjects = select_subjects(dataset, params.subjects)
+    prompt_sets = {s.name: subject_prompt_set(dataset, s, params) for s in subjects}
+    prompts = {s.name: evaluation_prompts(dataset, s, params, config) for s in subjects}
+    return RunSetup(RunContext(params.derived_run_id(), config), params, dataset, subjects,
+                    prompt_sets, prompts, store, offline.metric_models if offline else {})
 
 
 def _flow_run_name() -> str:
@@ -267,44 +155,33 @@ def _flow_run_name() -> str:
 
 @flow(name="customize-dataset", flow_run_name=_flow_run_name, on_crashed=[crash_open_task_runs])
 def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
-    """Customize every subject of a dataset with every method, then evaluate and report."""
+    """Customize every subject of a dataset with every method, then evaluate and report.
+
+    The run's plan comes first: steps whose markers are done are not dispatched at all, so a
+    finished run starts no Ray instance; the rest run as soon as what they need is done."""
     log = get_run_logger()
-    workdir = DEFAULT_WORKDIR
-    run_id = params.derived_run_id()
-    offline = resolve_models(params, workdir)
-    base_model = offline.base if offline else params.base_model
-    metric_models = offline.metric_models if offline else {}
-    dataset = resolve_dataset(params, workdir)
-    eval_models = (EvalConfig(clip_model=offline.clip, clip_pretrained="",
-                              dino_model=offline.dino) if offline else None)
-    config = params.run_config(base_model=base_model, eval_models=eval_models,
-                               resolution=offline.resolution if offline else None)
-    check_base_model(base_model, local_files_only=config.model.local_files_only)
-    store = store_from_config(config.storage)
-    store.check()
-    for problem in dataset.problems:
+    setup = prepare_run(params)
+    ctx, store, run_id = setup.ctx, setup.store, setup.ctx.run_id
+    for problem in setup.dataset.problems:
         log.warning("dataset: %s", problem.message)
-    subjects, unknown = select_subjects(dataset, params.subjects)
     plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject,
                         reuse_gpu_workers=params.reuse_gpu_workers,
                         expect_gpus=params.expect_gpus,
                         lost_worker_retries=params.lost_worker_retries)
-    check_topology(plan, config.storage)
-    ctx = RunContext(run_id, config)
-    log.info("run %s: %d subjects × %d methods on %s", run_id, len(subjects),
-             len(config.methods), plan.target)
+    check_topology(plan, ctx.config.storage)
     holder = default_holder(f"flow run {flow_run.get_id()}")
     with hold_lease(store, keys.run_lease(run_id), holder) as lease:
         crash_orphaned_runs(run_id, UUID(flow_run.get_id()), holder)
-        run = run_stages(ctx, dataset, subjects, params, plan)
-        run.failed.update(unknown)
+        run_plan = setup.plan()
+        publish_plan(run_plan, previous_record(store, run_id))
+        log.info("%s; tasks on %s", run_plan.summary(), plan.target)
+        run = run_steps(setup, run_plan, plan)
         if lease.lost:
             raise LeaseLostError(f"run {run_id}: this run lost its lease on "
                                  f"{keys.run_lease(run_id)} (it stalled past the lease's "
                                  "expiry and another run may have taken over); its run record "
                                  "is not written: check that run, then rerun this one")
-        record = run_record(run_id, params, config, dataset, run, base_model, metric_models,
-                            [s.name for s in subjects] + list(unknown))
+        record = run_record(setup, run)
         record["record_at"] = save_run_record(store, run_id, record, DEFAULT_WORKDIR)
         report = None
         if run.done and record["record_at"] == store.location(keys.run_record(run_id)):
@@ -312,13 +189,13 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
             report = built.result(raise_on_failure=False)
             if isinstance(report, BaseException):
                 log.error("run %s: the report could not be built: %s", run_id,
-                          _error_text(report))
+                          error_text(report))
                 report = None
     try:
         publish_artifacts(store, run_id, record, report)
     except StorageError as error:  # the store is down: the summary goes to Prefect without scores
         log.error("run %s: scores could not be read for the Prefect artifacts: %s", run_id,
-                  _error_text(error))
+                  error_text(error))
         publish_artifacts(None, run_id, record, report)
     log.info("run %s finished: %d of %d units done%s", run_id,
              sum(v == "done" for v in record["units"].values()), len(record["units"]),
@@ -326,34 +203,101 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
     return {**record, "report": report}
 
 
-def run_stages(ctx: RunContext, dataset: Dataset, subjects: list[Subject],
-               params: CustomizeParams, plan: ComputePlan) -> Outcome:
-    """The stage subflows in order, each given the units the previous one finished."""
-    config = ctx.config
-    runner = _task_runner(plan)
+def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan) -> Outcome:
+    """Ingest what the plan finds new (here, where the dataset is read), then dispatch every
+    other step it finds to run, each as soon as what it needs is done; steps already done
+    are recorded from their markers and not dispatched."""
+    ctx, config = setup.ctx, setup.ctx.config
     run = Outcome()
-    prompt_sets = {s.name: subject_prompt_set(dataset, s, params) for s in subjects}
-    prepared = prepare_subjects.with_options(task_runner=runner)(ctx, subjects, prompt_sets,
-                                                                 plan)
-    run.merge(prepared)
-    ready = [s for s in subjects if s.name in prepared.done]
-    trained = train_concepts.with_options(task_runner=runner)(ctx, ready, plan)
-    run.merge(trained)
-    pairs = [(s, m.name) for s in ready for m in config.methods
-             if f"{s.name}/{m.name}" in trained.done]
-    prompts = {s.name: evaluation_prompts(dataset, s, params, config) for s in ready}
-    generated = generate_images.with_options(task_runner=runner)(ctx, pairs, prompts, plan)
-    run.merge(generated)
-    by_subject: dict[str, tuple[Subject, list[str]]] = {}
-    for subject, method in pairs:
-        if f"{subject.name}/{method}" in generated.done:
-            by_subject.setdefault(subject.name, (subject, []))[1].append(method)
-    scored = evaluate.with_options(task_runner=runner)(ctx, by_subject, plan)
-    for name, reason in scored.failed.items():  # a subject's scoring failure fails its pairs
-        for method in by_subject[name][1]:
-            run.failed[f"{name}/{method}"] = reason
-    run.merge(scored)
+    for step in run_plan.steps.values():
+        if step.done:  # the real photos' scores belong to the subject, not to a unit
+            key = step.item.split("/")[0] if step.item.endswith(f"/{REAL_IMAGES}") else step.item
+            run.record(key, step.stage, {"prefix": step.prefix, "skipped": True, **step.info})
+    failed_ingest = set()
+    for subject in setup.subjects:
+        if run_plan.step("ingest", subject.name).done:
+            continue
+        state = stage_tasks.ingest(ctx, subject, setup.prompt_sets[subject.name],
+                                   return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            run.failed[subject.name] = f"ingest: {error_text(result)}"
+            failed_ingest.add(subject.name)
+            get_run_logger().error("ingest %s failed: %s", subject.name, error_text(result))
+        else:
+            run.record(subject.name, "ingest", result)
+    jobs = unit_jobs(setup, run_plan, [s for s in setup.subjects
+                                       if s.name not in failed_ingest])
+    run.merge(Dispatcher(plan, lambda: _task_runner(plan)).run(jobs))
+    for subject in failed_ingest:
+        for method in config.methods:
+            run.failed[f"{subject}/{method.name}"] = run.failed[subject]
     return run
+
+
+def unit_jobs(setup: RunSetup, run_plan: RunPlan, subjects: list[Subject]) -> list[Job]:
+    """The jobs for every step the plan finds to run, each needing the jobs of the steps it
+    reads that are to run too (a done step needs no job)."""
+    ctx, config = setup.ctx, setup.ctx.config
+    jobs: list[Job] = []
+    names: dict[tuple[str, str], str] = {}
+
+    def add(stage: str, item: str, keys_: tuple[str, ...], task: Any, parameters: dict,
+            needs: list[tuple[str, str]], *, gpu: bool = True) -> None:
+        names[(stage, item)] = f"{stage} · {item.replace('/', ' · ')}"
+        jobs.append(Job(names[(stage, item)], stage, keys_, task,
+                        lambda _results, p=parameters: p,
+                        tuple(names[n] for n in needs if n in names), gpu=gpu))
+
+    def to_run(stage: str, item: str) -> bool:
+        step = run_plan.step(stage, item)
+        return step is not None and not step.done
+
+    for class_noun in sorted({s.class_noun for s in subjects}):
+        if to_run("priors", class_noun):
+            add("priors", class_noun, (class_noun,), stage_tasks.class_priors,
+                {"ctx": ctx, "class_noun": class_noun}, [])
+    for subject in subjects:
+        name = subject.name
+        if to_run("preprocess", name):
+            add("preprocess", name, (name,), stage_tasks.preprocess,
+                {"ctx": ctx, "subject": name}, [("ingest", name)], gpu=False)
+        if to_run("masks", name):
+            add("masks", name, (name,), stage_tasks.extract_masks, {"ctx": ctx, "subject": name},
+                [("preprocess", name)], gpu=masks_run_a_model(config))
+        for method in config.methods:
+            unit = f"{name}/{method.name}"
+            prior = run_plan.step("priors", subject.class_noun)
+            uses_prior = method.prior_preservation and prior is not None
+            if to_run("train", unit):
+                add("train", unit, (unit,), stage_tasks.train_concept,
+                    {"ctx": ctx, "subject": name, "class_noun": subject.class_noun,
+                     "method": method, "prior_prefix": prior.prefix if uses_prior else None},
+                    [("masks", name)] + ([("priors", subject.class_noun)] if uses_prior else []))
+            if to_run("generate", unit):
+                add("generate", unit, (unit,), stage_tasks.generate_samples,
+                    {"ctx": ctx, "subject": name, "method": method.name,
+                     "prompts": setup.prompts[name]}, [("train", unit)])
+        units = tuple(f"{name}/{m.name}" for m in config.methods)
+        if any(to_run("score", f"{name}/{m}") for m in [REAL_IMAGES, *run_plan.methods]):
+            # the real photos' scores need the photos; each method's, its samples
+            photos = [names[n] for n in [("preprocess", name)] if n in names]
+            samples = [names[n] for n in (("generate", unit) for unit in units) if n in names]
+            jobs.append(Job(f"score · {name}", "score", (name, *units),
+                            stage_tasks.score_subject, _scoring(ctx, name, config, run_plan),
+                            tuple(photos), tuple(samples)))
+    return jobs
+
+
+def _scoring(ctx: RunContext, subject: str, config: RunConfig, run_plan: RunPlan):
+    """A subject's scoring parameters: the methods whose samples exist (done before, or
+    generated by this run), once every generation of the subject has finished."""
+    def parameters(results: dict[str, dict]) -> dict:
+        methods = [m.name for m in config.methods
+                   if run_plan.step("generate", f"{subject}/{m.name}").done
+                   or f"generate · {subject} · {m.name}" in results]
+        return {"ctx": ctx, "subject": subject, "methods": methods}
+    return parameters
 
 
 def subject_prompt_set(dataset: Dataset, subject: Subject, params: CustomizeParams) -> PromptSet:
@@ -370,27 +314,57 @@ def evaluation_prompts(dataset: Dataset, subject: Subject, params: CustomizePara
     return prompts[:params.max_prompts] if params.max_prompts else prompts
 
 
-def run_record(run_id: str, params: CustomizeParams, config: RunConfig, dataset: Dataset,
-               run: Outcome, base_model: str, metric_models: dict[str, str],
-               subjects: list[str]) -> dict:
+def run_record(setup: RunSetup, run: Outcome) -> dict:
     """``run.json``: parameters, resolved config, per-item status with failure reasons, and
     ``units``: every requested (subject, method) with its outcome (a unit fails with its
     subject when the subject failed before training)."""
+    config = setup.ctx.config
     status = {key: f"failed: {reason}" for key, reason in run.failed.items()}
     for key in run.done:
         status.setdefault(key, "done")
     units = {}
-    for subject in subjects:
+    for subject in setup.subjects:
         for method in config.methods:
-            key = f"{subject}/{method.name}"
-            units[key] = status.get(key) or status.get(subject) or "failed: not run"
-    return {"run_id": run_id, "params": params.model_dump(mode="json"),
-            "config": to_dict(config), "base_model": base_model,
-            "metric_models": metric_models, "dataset": str(dataset.root),
+            key = f"{subject.name}/{method.name}"
+            units[key] = status.get(key) or status.get(subject.name) or "failed: not run"
+    return {"run_id": setup.ctx.run_id, "params": setup.params.model_dump(mode="json"),
+            "config": to_dict(config), "base_model": setup.ctx.base_model,
+            "metric_models": setup.metric_models, "dataset": str(setup.dataset.root),
             "status": dict(sorted(status.items())), "failures": dict(sorted(run.failed.items())),
             "records": run.done, "units": units,
             "dataset_problems": [{"kind": p.kind, "subject": p.subject, "message": p.message}
-                                 for p in dataset.problems]}
+                                 for p in setup.dataset.problems] + photo_problems(run)}
+
+
+def photo_problems(run: Outcome) -> list[dict]:
+    """The photos preprocessing rejected (with why) and the masks that fell back to another
+    extractor or warned, of every subject, as dataset problems: shown with the run, not only
+    in a log."""
+    problems = []
+    for subject, records in sorted(run.done.items()):
+        for entry in records.get("preprocess", {}).get("rejected", []):
+            problems.append({"kind": "rejected_photo", "subject": subject,
+                             "message": f"{subject}: photo {entry}"})
+        for warning in records.get("masks", {}).get("warnings", []):
+            problems.append({"kind": "mask_warning", "subject": subject,
+                             "message": f"{subject}: mask {warning}"})
+    return problems
+
+
+def previous_record(store: ArtifactStore, run_id: str) -> dict:
+    """The run record a previous run of ``run_id`` left, or ``{}``."""
+    try:
+        return store.get_json(keys.run_record(run_id))
+    except ArtifactNotFoundError:
+        return {}
+
+
+def publish_plan(run_plan: RunPlan, previous: dict) -> None:
+    """The plan as a Prefect table artifact: per (subject, method), each stage done or to run,
+    and the unit's outcome in the previous run of this id."""
+    create_table_artifact(key=f"plan-{_artifact_slug(run_plan.run_id)}",
+                          table=run_plan.table(previous),
+                          description=f"Plan of run {run_plan.run_id}: {run_plan.summary()}")
 
 
 def save_run_record(store: ArtifactStore, run_id: str, record: dict, workdir: Path, *,
@@ -409,13 +383,13 @@ def save_run_record(store: ArtifactStore, run_id: str, record: dict, workdir: Pa
                 break
             delay = first_delay_s * 2 ** (attempt - 1)
             logger.warning("run %s: writing the run record failed (%s); retry %d/%d in %.0f s",
-                           run_id, _error_text(error), attempt, attempts - 1, delay)
+                           run_id, error_text(error), attempt, attempts - 1, delay)
             time.sleep(delay)
     fallback = workdir / "run-records" / f"{_artifact_slug(run_id)}-{int(time.time())}.json"
     fallback.parent.mkdir(parents=True, exist_ok=True)
     fallback.write_text(json.dumps({**record, "record_at": str(fallback)}, indent=2))
     logger.error("run %s: the run record could not be written to %s (%s); it is at %s",
-                 run_id, store.location(key), _error_text(failure), fallback)
+                 run_id, store.location(key), error_text(failure), fallback)
     return str(fallback)
 
 

@@ -142,20 +142,26 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
 
 
 def rebuild_report(store: ArtifactStore, run_id: str, out: str | Path, *,
-                   thumb_px: int = 96) -> Path:
+                   thumb_px: int = 96, reuse: bool = False) -> Path:
     """Build the report of ``run_id`` from stored scores into the folder ``out``, upload it to
-    ``runs/{run}/report/`` and return the local ``report.html``. Nothing is recomputed."""
+    ``runs/{run}/report/`` and return the local ``report.html``. Nothing is recomputed.
+
+    With ``reuse``, a stored report made from the same scores and failures is kept as it is
+    (nothing is written, locally or to the store; the returned path names the file only)."""
     run = read_run_record(store, run_id)
     scores, failures = load_run_scores(store, run_id, run)
     if scores.empty and failures.empty:
         raise ValueError(f"{store.url}: run {run_id!r} has no scores and no recorded stages; "
                          "nothing to report")
     out = Path(out)
+    inputs = hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
+                            + failures.to_csv(index=False).encode()).hexdigest()[:16]
+    if reuse and store.is_done(keys.report_prefix(run_id), expect_hash=inputs):
+        logger.info("%s: run %s: the stored report is up to date", store.url, run_id)
+        return out / "report.html"
     files = write_report(scores, out, failures=failures, provenance=run_provenance(run, scores),
                          load_image=store.get_bytes, title=f"EqDiff evaluation — run {run_id}",
                          thumb_px=thumb_px)
-    inputs = hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
-                            + failures.to_csv(index=False).encode()).hexdigest()[:16]
     with store.stage(keys.report_prefix(run_id), inputs) as stage:
         for path in files:
             stage.put_file(path.relative_to(out).as_posix(), path)

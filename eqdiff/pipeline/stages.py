@@ -88,7 +88,46 @@ def ingest(ctx: RunContext, subject: Subject, prompt_set: PromptSet) -> StageRes
                                   "masks": len(described.masks), "uploaded": uploaded})
 
     return run_stage(store, keys.ingest_prefix(ctx.run_id, subject.name),
-                     config_hash(described.to_dict()), work, name="ingest")
+                     ingest_digest(described), work, name="ingest")
+
+
+# Each stage's digest: everything that determines its outputs, from the digests of the stages
+# it reads. A stage's marker holds its digest, so the digests of a whole run can be computed
+# from the dataset and the settings alone (see eqdiff.pipeline.plan) and compared with the
+# markers without running anything.
+
+def ingest_digest(described: IngestedSubject) -> str:
+    return config_hash(described.to_dict())
+
+
+def preprocess_digest(ctx: RunContext, ingest_hash: str) -> str:
+    return config_hash({"resolution": ctx.config.train.resolution, "ingest": ingest_hash})
+
+
+def masks_digest(ctx: RunContext, preprocess_hash: str, ingest_hash: str) -> str:
+    return config_hash(ctx.config.masks, preprocess_hash, ingest_hash)
+
+
+def priors_digest(ctx: RunContext, class_noun: str) -> str:
+    settings = ctx.config.train
+    return prior_hash(ctx.base_model, class_noun, count=settings.num_prior_images,
+                      seed=settings.prior_seed, sample=ctx.config.sample,
+                      resolution=settings.resolution)
+
+
+def train_digest(ctx: RunContext, method: MethodConfig, masks_hash: str,
+                 prior_prefix: str | None) -> str:
+    return config_hash(training_hash(ctx.config, method), masks_hash, prior_prefix or "")
+
+
+def samples_digest(ctx: RunContext, concept_hash: str, prompts: Sequence[str]) -> str:
+    return config_hash(concept_hash, ctx.config.sample, list(prompts))
+
+
+def scores_digest(eval_hash: str, source_hash: str) -> str:
+    """The scores of one (subject, method), or of the real photos (``source_hash``: their
+    preprocessing's digest); ``eval_hash`` is :func:`evaluation_hash` of the run."""
+    return config_hash(eval_hash, source_hash)
 
 
 def preprocess(ctx: RunContext, subject: str) -> StageResult:
@@ -98,7 +137,7 @@ def preprocess(ctx: RunContext, subject: str) -> StageResult:
     resolution = ctx.config.train.resolution
     ingested = require_done(store, keys.ingest_prefix(ctx.run_id, subject),
                             f"the ingest of {subject!r}")
-    digest = config_hash({"resolution": resolution, "ingest": ingested.config_hash})
+    digest = preprocess_digest(ctx, ingested.config_hash)
 
     def work(scratch: Path) -> Produced:
         local = read_ingested(store, ctx.run_id, subject).fetch(store, scratch / "dataset")
@@ -107,8 +146,7 @@ def preprocess(ctx: RunContext, subject: str) -> StageResult:
             rejected = "; ".join(_summary(manifest)["rejected"])
             raise StageFailed(f"subject {subject!r}: {manifest.reason}"
                               + (f" ({rejected})" if rejected else ""))
-        return Produced(scratch / "out", {"images": len(manifest.images)},
-                        returned=_summary(manifest))
+        return Produced(scratch / "out", _summary(manifest))
 
     result = run_stage(store, prefix, digest, work, name="pre")
     if result.skipped:
@@ -130,7 +168,7 @@ def extract_masks(ctx: RunContext, subject: str, *, device: str = "cpu") -> Stag
     ingested = require_done(store, keys.ingest_prefix(ctx.run_id, subject),
                             f"the ingest of {subject!r}")
     settings = ctx.config.masks
-    digest = config_hash(settings, source_record.config_hash, ingested.config_hash)
+    digest = masks_digest(ctx, source_record.config_hash, ingested.config_hash)
 
     def work(scratch: Path) -> Produced:
         folder = download_prefix(store, source, scratch / "in")
@@ -150,8 +188,8 @@ def extract_masks(ctx: RunContext, subject: str, *, device: str = "cpu") -> Stag
                                       cache=store_mask_cache(store))
         made_by = sorted({r["extractor"] for r in written.masks.values()})
         warnings = [w for r in written.masks.values() for w in r["warnings"]]
-        return Produced(scratch / "out", {"extractor": wanted},
-                        returned={"extractors": made_by, "warnings": warnings})
+        return Produced(scratch / "out", {"extractor": wanted, "extractors": made_by,
+                                          "warnings": warnings})
 
     return run_stage(store, keys.masks_prefix(ctx.run_id, subject), digest, work,
                      name="masks")
@@ -161,9 +199,7 @@ def class_priors(ctx: RunContext, class_noun: str, *, device: str = "cpu",
                  progress: Progress | None = None) -> StageResult:
     """Class-prior images for ``class_noun``, shared by every subject of that class."""
     train_settings = ctx.config.train
-    digest = prior_hash(ctx.base_model, class_noun, count=train_settings.num_prior_images,
-                        seed=train_settings.prior_seed, sample=ctx.config.sample,
-                        resolution=train_settings.resolution)
+    digest = priors_digest(ctx, class_noun)
 
     def work(scratch: Path) -> Produced:
         components = load_sd_components(ctx.base_model,
@@ -197,8 +233,7 @@ def train(ctx: RunContext, subject: str, class_noun: str, method: MethodConfig, 
     store = ctx.store()
     masks_record = require_done(store, keys.masks_prefix(ctx.run_id, subject),
                                 f"the masks of {subject!r}")
-    digest = config_hash(training_hash(ctx.config, method), masks_record.config_hash,
-                         prior_prefix or "")
+    digest = train_digest(ctx, method, masks_record.config_hash, prior_prefix)
     checkpoints = keys.checkpoints_prefix(ctx.run_id, subject, method.name)
     resume_key = keys.checkpoint_key(ctx.run_id, subject, method.name, digest)
 
@@ -252,7 +287,7 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
     concept_key = keys.concept_prefix(ctx.run_id, subject, method)
     concept_record = require_done(store, concept_key, f"the concept {subject}/{method}")
     sample = ctx.config.sample
-    digest = config_hash(concept_record.config_hash, sample, list(prompts))
+    digest = samples_digest(ctx, concept_record.config_hash, prompts)
 
     def work(scratch: Path) -> Produced:
         concept = load_concept(download_prefix(store, concept_key, scratch / "concept"))
@@ -304,7 +339,7 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
             source_hash = require_done(
                 store, keys.samples_prefix(ctx.run_id, subject, method),
                 f"the samples of {subject}/{method}").config_hash
-        digest = config_hash(eval_hash, source_hash)
+        digest = scores_digest(eval_hash, source_hash)
         if store.is_done(keys.scores_prefix(ctx.run_id, subject, method),
                          expect_hash=digest):
             skipped.append(method)
@@ -330,10 +365,13 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
 
 
 def report(ctx: RunContext) -> StageResult:
-    """Rebuild the run's report from its stored scores (nothing recomputed)."""
+    """Rebuild the run's report from its stored scores (nothing recomputed); a stored report
+    made from the same scores and failures is kept."""
     store = ctx.store()
     prefix = keys.report_prefix(ctx.run_id)
     with tempfile.TemporaryDirectory(prefix="eqdiff-report-") as scratch:
-        html = rebuild_report(store, ctx.run_id, Path(scratch))
+        html = rebuild_report(store, ctx.run_id, Path(scratch), reuse=True)
         key = join_key(prefix, html.name)
-    return StageResult(prefix, skipped=False, info={"report": key, "location": store.location(key)})
+        skipped = not html.exists()
+    return StageResult(prefix, skipped=skipped,
+                       info={"report": key, "location": store.location(key)})

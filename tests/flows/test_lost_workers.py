@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect_ray.task_runners import RayTaskRunner
 
 from flows.compute import plan_compute
-from flows.customize import _settle, _submit
+from flows.schedule import Dispatcher, Job
 from tasks.logs import noting_reattempts
 
 marks = Path(sys.argv[1])
@@ -57,15 +57,15 @@ def fine():
 plan = plan_compute("ray", lost_worker_retries=1)
 
 
-@flow(name="lost-worker-probe", task_runner=RayTaskRunner())
+@flow(name="lost-worker-probe")
 def probe():
-    futures = {"once": _submit(dies_once, plan, gpu=False),
-               "always": _submit(always_dies, plan, gpu=False),
-               "fine": _submit(fine, plan, gpu=False)}
-    outcome = _settle(futures, "probe")
+    jobs = [Job(name, "probe", (name,), task, lambda _results: {}, gpu=False)
+            for name, task in (("once", dies_once), ("always", always_dies), ("fine", fine))]
+    dispatcher = Dispatcher(plan, RayTaskRunner)
+    outcome = dispatcher.run(jobs)
     return {"done": {k: v["probe"] for k, v in outcome.done.items()},
             "failed": outcome.failed,
-            "task_runs": {k: str(f.task_run_id) for k, f in futures.items()}}
+            "task_runs": {k: str(v) for k, v in dispatcher.task_runs.items()}}
 
 
 result = probe()
