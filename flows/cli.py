@@ -168,7 +168,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     params = _run_params(args)
     if args.dry_run:
         return _show_plan(params)
+    _preflight(params)
     return _summarise(_run_flow(params, start_server=not args.no_server))
+
+
+def _preflight(params):  # CustomizeParams -> RunSetup
+    """The run's dataset, subjects, base model and store, checked here before any Prefect
+    server or flow starts: a mistake costs seconds (the flow checks them again, for runs
+    started from the UI)."""
+    from eqdiff.store import StorageError
+    from flows.customize import prepare_run
+
+    try:
+        return prepare_run(params)
+    except (ValueError, OSError, StorageError) as error:
+        raise RunRefused(_first_line(error)) from error
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -178,12 +192,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _show_plan(params, previous: dict | None = None) -> int:  # CustomizeParams
     """Print what a run of ``params`` would do, per (subject, method) and stage; nothing runs
     and no Prefect server or Ray instance is started."""
-    from flows.customize import prepare_run, previous_record
+    from flows.customize import previous_record
 
-    try:
-        setup = prepare_run(params)
-    except (ValueError, OSError) as error:
-        raise RunRefused(_first_line(error)) from error
+    setup = _preflight(params)
     plan = setup.plan()
     if previous is None:
         previous = previous_record(setup.store, setup.ctx.run_id)

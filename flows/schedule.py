@@ -90,6 +90,7 @@ class Dispatcher:
         missing = {other for job in jobs for other in job.needs + job.after} - names
         if missing:
             raise ValueError(f"jobs need unknown jobs: {sorted(missing)}")
+        _refuse_cycles(jobs)
         if not jobs:
             return outcome
         waiting = {job.name: job for job in jobs}
@@ -100,7 +101,6 @@ class Dispatcher:
         progress = create_progress_artifact(0.0, description=f"{len(jobs)} job(s) to run")
         with self._runner_scope():
             while waiting or running:
-                before = len(waiting)
                 for job in list(waiting.values()):
                     ready = self._ready(job, results, failures)
                     if ready is None:
@@ -115,9 +115,7 @@ class Dispatcher:
                     self.task_runs[job.name] = future.task_run_id
                     running[job.name] = (job, future)
                     future.add_done_callback(lambda _f, name=job.name: finished.put(name))
-                if not running:
-                    if len(waiting) == before:
-                        raise ValueError(f"jobs wait on each other: {sorted(waiting)}")
+                if not running:  # what failed above may have made others ready
                     continue
                 job, future = running.pop(finished.get())
                 self._settle(job, future, outcome, results, failures)
@@ -181,6 +179,18 @@ class Dispatcher:
         results[job.name] = result
         for key in job.keys:
             outcome.record(key, job.stage, result)
+
+
+def _refuse_cycles(jobs: list[Job]) -> None:
+    """Jobs that wait on each other would never run: refused before anything starts."""
+    waits = {job.name: set(job.needs + job.after) for job in jobs}
+    while True:
+        free = {name for name, others in waits.items() if not others}
+        if not free:
+            break
+        waits = {name: others - free for name, others in waits.items() if name not in free}
+    if waits:
+        raise ValueError(f"jobs wait on each other: {sorted(waits)}")
 
 
 def crash_reason(error: BaseException) -> str:

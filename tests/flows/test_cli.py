@@ -73,3 +73,67 @@ def test_a_run_that_cannot_start_fails_in_seconds_with_one_line(prefect_server, 
               if r.levelname == "ERROR" and r.name == "eqdiff"]
     assert len(errors) == 1 and line in errors[0] and "\n" not in errors[0], errors
     assert not (tmp_path / "store" / "runs").exists()  # nothing was started
+
+
+def _one_error(caplog) -> str:
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelname == "ERROR" and r.name == "eqdiff"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+TINY = ["--set", "dataset=demo", "--set", "base_model=tiny", "--set", "steps=2",
+        "--set", "methods=[custom-diffusion]", "--set", "images_per_prompt=1",
+        "--set", "max_prompts=1", "--set", "compute=local",
+        "--set", "train.num_prior_images=2", "--set", "sample.steps=2"]
+
+
+def test_mistakes_in_a_run_are_refused_in_one_line_before_any_server_or_flow(tmp_path,
+                                                                             caplog) -> None:
+    """No Prefect server is given (no fixture): the refusal comes from the pre-flight."""
+    from flows.cli import EXIT_REFUSED, main
+
+    store = ["--set", f"storage_url={tmp_path / 'store'}"]
+    assert main(["run", *TINY, *store, "--set", "train.stpes=3"]) == EXIT_REFUSED
+    assert "'train.stpes'; did you mean 'train.steps'" in _one_error(caplog)
+    caplog.clear()
+    assert main(["run", *TINY, *store, "--set", "subjects=[red_ball, blu_box]"]) == EXIT_REFUSED
+    line = _one_error(caplog)
+    assert "no subject 'blu_box' (did you mean 'blue_box'?)" in line
+    assert "its subjects: blue_box, green_toy, red_ball" in line
+    caplog.clear()
+    assert main(["run", *TINY, *store, "--set", "stepz=3"]) == EXIT_REFUSED
+    assert "stepz: unknown parameter" in _one_error(caplog)
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_plan_and_status_show_each_stage_of_each_unit(prefect_server, tmp_path, capsys,
+                                                      monkeypatch) -> None:
+    """``eqdiff plan`` before a run: every stage to run. After the run, ``eqdiff status``:
+    every stage done, with the unit's outcome; a rerun finds nothing to do and opens no task
+    runner (no Ray), although it asks for Ray."""
+    import flows.customize
+    from flows.cli import EXIT_REFUSED, main
+
+    store = str(tmp_path / "store")
+    run = [*TINY, "--set", f"storage_url={store}", "--set", "subjects=[red_ball]",
+           "--set", "run_id=planned"]
+    assert main(["plan", *run]) == 0
+    before = " ".join(capsys.readouterr().out.split())
+    assert "run planned: 0 of 1 (subject, method) units done, 8 step(s) to run" in before
+    assert "red_ball custom-diffusion" + " to run" * 7 in before
+    assert not (tmp_path / "store" / "runs").exists()  # planning writes nothing
+
+    assert main(["run", "--no-server", *run]) == 0
+    capsys.readouterr()
+    assert main(["status", "planned", "--store", store]) == 0
+    after = " ".join(capsys.readouterr().out.split())
+    assert "run planned: 1 of 1 (subject, method) units done, 0 step(s) to run" in after
+    assert "red_ball custom-diffusion" + " done" * 7 + " done" in after  # and the last run
+
+    def no_runner(plan):
+        raise AssertionError("a finished run must open no task runner")
+
+    monkeypatch.setattr(flows.customize, "_task_runner", no_runner)
+    assert main(["run", "--no-server", *run, "--set", "compute=ray"]) == 0
+    assert main(["status", "nothing-here", "--store", store]) == EXIT_REFUSED

@@ -199,3 +199,39 @@ def test_after_ingest_no_stage_opens_the_dataset_folder(tmp_path, tiny_zoo):
     hidden.rename(root)
     second = stages.ingest(RunContext("other-run", ctx.config), subject, PROMPTS)
     assert not second.skipped and second.info["uploaded"] == 0
+
+
+def test_the_plan_finds_done_exactly_what_the_stages_would_skip(tmp_path, tiny_zoo, subject):
+    """The plan computes each stage's digest from the dataset and settings alone: before a
+    run every step is to run, after it every step is done, and a changed setting marks to run
+    exactly the stages that would redo their work."""
+    from eqdiff.evaluation.metrics import REAL_IMAGES
+    from eqdiff.pipeline.plan import DONE, TO_RUN, plan_run
+
+    ctx = context(tmp_path / "store", tiny_zoo)
+    prompts = [f"a photo of {ctx.config.train.placeholder_token} {subject.class_noun}"]
+    unit = f"{subject.name}/{METHOD}"
+
+    def plan(ctx, prompts):
+        return plan_run(ctx, [subject], {subject.name: PROMPTS}, {subject.name: prompts})
+
+    before = plan(ctx, prompts)
+    assert not before.all_done and len(before.to_run()) == len(before.steps) == 8
+    run_all(ctx, subject, prompts)
+    after = plan(ctx, prompts)
+    assert after.all_done and after.unit_done(unit)
+    assert after.table()[0] == {"subject": subject.name, "method": METHOD, "ingest": DONE,
+                                "preprocess": DONE, "masks": DONE, "priors": DONE,
+                                "train": DONE, "generate": DONE, "score": DONE, "last run": ""}
+    # the marker's facts come with a done step (the preprocessing's photo count)
+    assert after.step("preprocess", subject.name).info["images"] == 3
+
+    other_prompts = plan(ctx, [*prompts, f"{prompts[0]} on the beach"])
+    assert {(s.stage, s.item) for s in other_prompts.to_run()} == {("generate", unit),
+                                                                    ("score", unit)}
+    other_masks = with_overrides(ctx.config, {"masks.extractor": "full"})
+    changed = plan(RunContext(ctx.run_id, other_masks), prompts)
+    assert {(s.stage, s.item) for s in changed.to_run()} == {
+        ("masks", subject.name), ("train", unit), ("generate", unit), ("score", unit)}
+    assert changed.step("score", f"{subject.name}/{REAL_IMAGES}").done  # the photos stay
+    assert changed.table()[0]["masks"] == TO_RUN
