@@ -164,18 +164,13 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
     ctx, store, run_id = setup.ctx, setup.store, setup.ctx.run_id
     for problem in setup.dataset.problems:
         log.warning("dataset: %s", problem.message)
-    plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject,
-                        reuse_gpu_workers=params.reuse_gpu_workers,
-                        expect_gpus=params.expect_gpus,
-                        lost_worker_retries=params.lost_worker_retries)
-    check_topology(plan, ctx.config.storage)
     holder = default_holder(f"flow run {flow_run.get_id()}")
     with hold_lease(store, keys.run_lease(run_id), holder) as lease:
         crash_orphaned_runs(run_id, UUID(flow_run.get_id()), holder)
         run_plan = setup.plan()
         publish_plan(run_plan, previous_record(store, run_id))
-        log.info("%s; tasks on %s", run_plan.summary(), plan.target)
-        run = run_steps(setup, run_plan, plan)
+        log.info("%s", run_plan.summary())
+        run = run_steps(setup, run_plan, compute_for(params, ctx) if run_plan.to_run() else None)
         if lease.lost:
             raise LeaseLostError(f"run {run_id}: this run lost its lease on "
                                  f"{keys.run_lease(run_id)} (it stalled past the lease's "
@@ -203,10 +198,22 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
     return {**record, "report": report}
 
 
-def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan) -> Outcome:
+def compute_for(params: CustomizeParams, ctx: RunContext) -> ComputePlan:
+    """Where the run's tasks go (starting or joining Ray for ``compute: ray``), checked
+    against the store (a local folder cannot serve a cluster of several nodes)."""
+    plan = plan_compute(params.compute, params.ray_address, params.gpus_per_subject,
+                        reuse_gpu_workers=params.reuse_gpu_workers,
+                        expect_gpus=params.expect_gpus,
+                        lost_worker_retries=params.lost_worker_retries)
+    check_topology(plan, ctx.config.storage)
+    return plan
+
+
+def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan | None) -> Outcome:
     """Ingest what the plan finds new (here, where the dataset is read), then dispatch every
     other step it finds to run, each as soon as what it needs is done; steps already done
-    are recorded from their markers and not dispatched."""
+    are recorded from their markers and not dispatched. ``plan`` is ``None`` when the plan
+    finds nothing to run (no Ray is started for it)."""
     ctx, config = setup.ctx, setup.ctx.config
     run = Outcome()
     for step in run_plan.steps.values():
@@ -228,7 +235,8 @@ def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan) -> Outcome:
             run.record(subject.name, "ingest", result)
     jobs = unit_jobs(setup, run_plan, [s for s in setup.subjects
                                        if s.name not in failed_ingest])
-    run.merge(Dispatcher(plan, lambda: _task_runner(plan)).run(jobs))
+    if jobs:
+        run.merge(Dispatcher(plan, lambda: _task_runner(plan)).run(jobs))
     for subject in failed_ingest:
         for method in config.methods:
             run.failed[f"{subject}/{method.name}"] = run.failed[subject]

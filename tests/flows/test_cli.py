@@ -110,8 +110,8 @@ def test_mistakes_in_a_run_are_refused_in_one_line_before_any_server_or_flow(tmp
 def test_plan_and_status_show_each_stage_of_each_unit(prefect_server, tmp_path, capsys,
                                                       monkeypatch) -> None:
     """``eqdiff plan`` before a run: every stage to run. After the run, ``eqdiff status``:
-    every stage done, with the unit's outcome; a rerun finds nothing to do and opens no task
-    runner (no Ray), although it asks for Ray."""
+    every stage done, with the unit's outcome; a rerun finds nothing to do and neither starts
+    nor joins Ray, although it asks for Ray."""
     import flows.customize
     from flows.cli import EXIT_REFUSED, main
 
@@ -131,9 +131,9 @@ def test_plan_and_status_show_each_stage_of_each_unit(prefect_server, tmp_path, 
     assert "run planned: 1 of 1 (subject, method) units done, 0 step(s) to run" in after
     assert "red_ball custom-diffusion" + " done" * 7 + " done" in after  # and the last run
 
-    def no_runner(plan):
-        raise AssertionError("a finished run must open no task runner")
+    def no_compute(params, ctx):
+        raise AssertionError("a finished run must not start or join Ray")
 
-    monkeypatch.setattr(flows.customize, "_task_runner", no_runner)
+    monkeypatch.setattr(flows.customize, "compute_for", no_compute)
     assert main(["run", "--no-server", *run, "--set", "compute=ray"]) == 0
     assert main(["status", "nothing-here", "--store", store]) == EXIT_REFUSED
