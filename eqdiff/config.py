@@ -307,13 +307,23 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
+# How a run is allowed to download weights; every model load (base model, scorers, learned
+# mask extractors) reads only local files and the local Hugging Face cache unless it is given.
+ALLOW_DOWNLOADS = ("allow downloads with the override model.local_files_only=false (eqdiff "
+                   "run --set model.local_files_only=false)")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The base text-to-image model: a local diffusers folder, a hub id or a single file."""
+    """The base text-to-image model: a local diffusers folder, a hub id or a single file.
+
+    ``local_files_only`` (on by default) keeps every model of the run (base model, scorers,
+    learned mask extractors) to local folders and the local Hugging Face cache: the one switch
+    that allows downloads is setting it false (:data:`ALLOW_DOWNLOADS`)."""
 
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str = ""
-    local_files_only: bool = _not_hashed(False)
+    local_files_only: bool = _not_hashed(True)
 
     def __post_init__(self) -> None:
         _check(bool(self.base_model.strip()), "model.base_model must not be empty")

@@ -154,7 +154,13 @@ def serve_all(prefect_file: Path = PREFECT_FILE, *, limit: int | None = None) ->
     """
     from prefect import serve
 
+    from tasks.logs import STAGE_LOGGERS
+
     os.chdir(PROJECT_ROOT)
+    # the flow runs' processes inherit these: the stages' lines (training progress, resumes,
+    # fallbacks) reach their task runs' pages, as in runs started by `eqdiff run`
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     deployments = runner_deployments(prefect_file)
     _drop_work_pool_deployments([f"{d.flow_name}/{d.name}" for d in deployments])
     serve(*deployments, limit=limit)

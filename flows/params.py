@@ -78,7 +78,8 @@ class CustomizeParams(BaseModel):
                                         "these parameters, so a rerun continues the same run)")
     overrides: dict[str, object] = Field(
         default_factory=dict,
-        description="Advanced config overrides by dotted key, e.g. {'train.learning_rate': 1e-5}")
+        description="Advanced config overrides by dotted key, e.g. {'train.learning_rate': 1e-5}; "
+                    "{'model.local_files_only': false} lets the run download model weights")
 
     @field_validator("run_id")
     @classmethod
@@ -116,7 +117,7 @@ class CustomizeParams(BaseModel):
         train = TrainConfig(steps=self.steps, **sized)
         sample = SampleConfig(images_per_prompt=self.images_per_prompt, **sized)
         config = RunConfig(
-            model=ModelConfig(base_model=base_model, local_files_only=True),
+            model=ModelConfig(base_model=base_model),
             methods=tuple(method_preset(m) for m in self.methods), train=train, sample=sample,
             eval=eval_models or EvalConfig(),
             storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url,

@@ -1,15 +1,15 @@
-"""Progress of long tasks as Prefect progress artifacts (visible in the UI while they run)."""
+"""Progress of long tasks as Prefect progress artifacts (visible in the UI while they run).
+
+A training's log lines (step, loss, speed, time left) come from
+:class:`eqdiff.method.training.LogProgress`, which the training task adds beside this."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from eqdiff.method.training import ConceptTrainer, StepResult, TrainingCallback
-
-logger = logging.getLogger(__name__)
 
 
 class PrefectProgress:
@@ -42,8 +42,5 @@ class PrefectProgress:
 
             def on_step(self, result: StepResult, trainer: ConceptTrainer) -> None:
                 progress.update(result.step, result.total_steps)
-                if result.step == result.total_steps or result.step % 50 == 0:
-                    logger.info("%s: step %d/%d loss %.4f", progress.description, result.step,
-                                result.total_steps, result.losses["loss"])
 
         return _Callback()

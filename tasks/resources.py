@@ -143,14 +143,17 @@ def concept_generator(base_model: str, sample: SampleConfig, rra: RRAConfig, *,
 
 @lru_cache(maxsize=1)
 def _scorers(clip_model: str, clip_pretrained: str, dino_model: str, device: str,
-             batch_size: int):  # (CLIPScorer, DINOScorer)
+             batch_size: int, local_files_only: bool):  # (CLIPScorer, DINOScorer)
     from eqdiff.evaluation.metrics import CLIPScorer, DINOScorer
 
-    return (CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=batch_size),
-            DINOScorer(dino_model, device=device, batch_size=batch_size))
+    return (CLIPScorer(clip_model, clip_pretrained, device=device, batch_size=batch_size,
+                       local_files_only=local_files_only),
+            DINOScorer(dino_model, device=device, batch_size=batch_size,
+                       local_files_only=local_files_only))
 
 
-def scorers(config: EvalConfig):  # (CLIPScorer, DINOScorer)
-    """This process's CLIP and DINO scorers (loaded on first use)."""
+def scorers(config: EvalConfig, *, local_files_only: bool):  # (CLIPScorer, DINOScorer)
+    """This process's CLIP and DINO scorers (loaded on first use); ``local_files_only`` is the
+    run's ``model.local_files_only``, the one switch for every model's downloads."""
     return _scorers(config.clip_model, config.clip_pretrained, config.dino_model,
-                    device_for_task(), config.batch_size)
+                    device_for_task(), config.batch_size, local_files_only)

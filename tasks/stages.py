@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from eqdiff.config import MethodConfig
 from eqdiff.data.datasets import Subject
 from eqdiff.data.prompts import PromptSet
-from eqdiff.method.training import ProgressBar
+from eqdiff.method.training import LogProgress, ProgressBar
 from eqdiff.pipeline import stages
 from eqdiff.store.errors import is_transient
 from tasks.logs import log_stages_at_info, noting_reattempts
@@ -86,8 +86,9 @@ def class_priors(ctx: stages.RunContext, class_noun: str) -> dict:
 @noting_reattempts
 def train_concept(ctx: stages.RunContext, subject: str, class_noun: str, method: MethodConfig,
                   prior_prefix: str | None) -> dict:
-    progress = PrefectProgress(f"training {subject}/{method.name}")
-    callbacks = [progress.training_callback()]
+    description = f"training {subject}/{method.name}"
+    # the artifact's bar and, in the task run's logs, a line every 50 steps or 30 s
+    callbacks = [PrefectProgress(description).training_callback(), LogProgress(description)]
     if sys.stderr.isatty():  # a terminal (the local runner): a progress bar too
         callbacks.append(ProgressBar(f"{subject}/{method.name}"))
     with task_device() as device:
@@ -115,7 +116,10 @@ def generate_samples(ctx: stages.RunContext, subject: str, method: str,
 @noting_reattempts
 def score_subject(ctx: stages.RunContext, subject: str, methods: list[str]) -> dict:
     with task_device():
-        return _record(stages.score(ctx, lambda: scorers(ctx.config.eval), subject, methods))
+        return _record(stages.score(
+            ctx, lambda: scorers(ctx.config.eval,
+                                 local_files_only=ctx.config.model.local_files_only),
+            subject, methods))
 
 
 @task(name="build-report", task_run_name="report · {ctx.run_id}", **COMMON)

@@ -74,6 +74,35 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return build_zoo(tmp_path_factory.mktemp("zoo"))
 
 
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+               ) -> list:
+    """Every network connection of this process refused and recorded in the returned list, an
+    empty Hugging Face cache, and ``HF_HUB_OFFLINE`` off: a model load that tries to download
+    leaves an entry, whatever it does with the error.
+
+    huggingface_hub looks up a list of AI-agent harnesses once a day for its user-agent header
+    (not a download, and skipped only by ``HF_HUB_OFFLINE``); it is answered empty here."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    attempts: list = []
+
+    def refuse(*address: object, **_: object) -> None:
+        attempts.append(address[:2])
+        raise OSError("network access refused by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: refuse(address))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+    monkeypatch.setattr("huggingface_hub.utils._detect_agent._registry",
+                        {"standardEnvVars": [], "harnesses": {}})
+    return attempts
+
+
 # --------------------------------------------------------------------------- services
 
 

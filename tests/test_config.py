@@ -140,3 +140,14 @@ def test_overrides_reject_unknown_keys():
         with_overrides(RunConfig(), {"train.nope": 1})
     with pytest.raises(ValueError, match="sum to 1"):
         with_overrides(RunConfig(), {"frequency.p_full": 0.5})
+
+
+def test_models_are_local_only_until_the_one_override_allows_downloads():
+    from flows.params import CustomizeParams
+
+    assert RunConfig().model.local_files_only
+    assert CustomizeParams().run_config(base_model="org/model").model.local_files_only
+    allowed = CustomizeParams(overrides={"model.local_files_only": False})
+    assert not allowed.run_config(base_model="org/model").model.local_files_only
+    assert config_hash(allowed.run_config(base_model="org/model")) == config_hash(
+        CustomizeParams().run_config(base_model="org/model"))  # a bookkeeping switch

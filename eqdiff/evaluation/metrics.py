@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from eqdiff.method.models import model_identity
+from eqdiff.config import ALLOW_DOWNLOADS
+from eqdiff.method.models import downloads_off, hub_offline, model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_PROCESSOR_CONFIG = "preprocessor_config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_SAFE_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+OPEN_CLIP_PICKLE_WEIGHTS = "open_clip_pytorch_model.bin"  # open_clip's default hub file name
 REAL_IMAGES = "real images"  # the method name of the real-vs-real upper bound rows
 SCORE_COLUMNS = ("run", "subject", "class", "kind", "method", "prompt", "prompt_index", "seed",
                  "image_key", "clip_i", "clip_t", "dino")
@@ -159,8 +162,72 @@ def _open_clip_folder(folder: Path) -> str:
     return f"local-dir:{folder}"
 
 
-def _resolve_open_clip(model: str, pretrained: str) -> tuple[str, str | None]:
-    """(open_clip model name, pretrained weights file or None) for any supported source."""
+def _first_line(error: Exception) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+def _not_fetched(what: str, local_files_only: bool, error: Exception) -> FileNotFoundError:
+    """The one-line error for hub weights that could not be had: not cached while downloads are
+    off (and how to allow them), or not fetched."""
+    if local_files_only or hub_offline():
+        return FileNotFoundError(f"{what} is not in the local Hugging Face cache and "
+                                 f"{downloads_off(local_files_only)}")
+    return FileNotFoundError(f"cannot fetch {what} from the Hugging Face hub: "
+                             f"{_first_line(error)}")
+
+
+def _open_clip_tag_weights(model: str, tag: str, config: dict, local_files_only: bool) -> Path:
+    """The safetensors weights open_clip publishes for ``model``/``tag`` on the Hugging Face hub,
+    from the local cache only when ``local_files_only``; open_clip's own downloader (which
+    fetches pickles from URLs, with no local-only switch) is never called."""
+    from huggingface_hub import hf_hub_download
+
+    repo, filename = os.path.split(config.get("hf_hub", ""))
+    if not repo:
+        raise ValueError(f"open_clip publishes CLIP weights {model}/{tag} only as a pickle "
+                         "checkpoint, which is refused: give a .safetensors file as "
+                         "eval.clip_pretrained")
+    safe_name = (OPEN_CLIP_SAFE_WEIGHTS[0] if filename in ("", OPEN_CLIP_PICKLE_WEIGHTS)
+                 else f"{Path(filename).stem}.safetensors")
+    try:
+        return Path(hf_hub_download(repo, safe_name, local_files_only=local_files_only))
+    except Exception as error:  # hub errors come in many classes; name the weights
+        raise _not_fetched(f"CLIP weights {model}/{tag} ({repo}/{safe_name})", local_files_only,
+                           error) from error
+
+
+def _hub_text_tower(name: str) -> list[str]:
+    """The Hugging Face repos an open_clip model's text tower or tokenizer are read from when it
+    is built (open_clip fetches them with no local-only switch)."""
+    import open_clip
+
+    if name.startswith("local-dir:"):  # its tokenizer is read from the folder itself
+        config = json.loads((Path(name.removeprefix("local-dir:")) / OPEN_CLIP_CONFIG)
+                            .read_text()).get("model_cfg", {})
+        keys: tuple[str, ...] = ("hf_model_name",)
+    else:
+        config = open_clip.get_model_config(name) or {}
+        keys = ("hf_model_name", "hf_tokenizer_name")
+    text = config.get("text_cfg", {})
+    return [text[key] for key in keys if text.get(key)]
+
+
+def _resolve_open_clip(model: str, pretrained: str, local_files_only: bool
+                       ) -> tuple[str, str | None]:
+    """(open_clip model name, pretrained weights file or None) for any supported source; with
+    ``local_files_only`` from local files and the local Hugging Face cache only."""
+    name, weights = _locate_open_clip(model, pretrained, local_files_only)
+    remote = _hub_text_tower(name)
+    if remote and local_files_only and not hub_offline():
+        raise ValueError(f"CLIP model {model!r} builds its text tower or tokenizer from the "
+                         f"Hugging Face hub ({', '.join(remote)}), which open_clip contacts "
+                         "whatever is cached: set HF_HUB_OFFLINE=1 to use the cached copy, or "
+                         f"{ALLOW_DOWNLOADS}")
+    return name, weights
+
+
+def _locate_open_clip(model: str, pretrained: str, local_files_only: bool
+                      ) -> tuple[str, str | None]:
     import open_clip
 
     if model.startswith("local-dir:"):
@@ -173,10 +240,10 @@ def _resolve_open_clip(model: str, pretrained: str) -> tuple[str, str | None]:
         repo = model.removeprefix("hf-hub:")
         try:
             folder = snapshot_download(repo, allow_patterns=[OPEN_CLIP_CONFIG,
-                                                             *OPEN_CLIP_SAFE_WEIGHTS])
+                                                             *OPEN_CLIP_SAFE_WEIGHTS],
+                                       local_files_only=local_files_only)
         except Exception as error:  # hub errors come in many classes; name the repo
-            raise FileNotFoundError(f"cannot fetch CLIP model {model!r} from the hub or its "
-                                    f"cache: {error}") from error
+            raise _not_fetched(f"CLIP model {model!r}", local_files_only, error) from error
         return _open_clip_folder(Path(folder)), None
     if model not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model {model!r}: give an open_clip name (e.g. ViT-B-32), "
@@ -191,12 +258,8 @@ def _resolve_open_clip(model: str, pretrained: str) -> tuple[str, str | None]:
     if not pretrained_config:
         raise ValueError(f"open_clip has no weights {pretrained!r} for {model}; known tags: "
                          f"{open_clip.list_pretrained_tags_by_model(model)}")
-    try:
-        path = open_clip.download_pretrained(pretrained_config)
-    except Exception as error:  # network/cache failures: name the weights asked for
-        raise FileNotFoundError(f"cannot fetch CLIP weights {model}/{pretrained} from the hub or "
-                                f"its cache: {error}") from error
-    return model, str(_safe_file(Path(path), f"CLIP {model}/{pretrained}"))
+    path = _open_clip_tag_weights(model, pretrained, pretrained_config, local_files_only)
+    return model, str(_safe_file(path, f"CLIP {model}/{pretrained}"))
 
 
 class CLIPScorer:
@@ -205,24 +268,31 @@ class CLIPScorer:
     ``model`` is an open_clip name (``"ViT-B-32"``) with ``pretrained`` an open_clip tag
     (``"openai"``) or a local ``.safetensors`` file; or a folder holding
     ``open_clip_config.json`` + safetensors weights (``"local-dir:/path"`` or the bare path);
-    or ``"hf-hub:org/name"``. Features are L2-normalised float32 on the CPU.
+    or ``"hf-hub:org/name"``. Hub weights (a tag's or ``hf-hub:``) come from the local Hugging
+    Face cache only unless ``local_files_only`` is off. Features are L2-normalised float32 on
+    the CPU.
     """
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", *,
-                 device: torch.device | str = "cpu", batch_size: int = 32) -> None:
+                 device: torch.device | str = "cpu", batch_size: int = 32,
+                 local_files_only: bool = True) -> None:
         import open_clip
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        name, weights = _resolve_open_clip(model, pretrained)
+        name, weights = _resolve_open_clip(model, pretrained, local_files_only)
+        # a tag's weights are loaded as a file, so the tag's activation (QuickGELU for the
+        # OpenAI weights) is not known to open_clip unless it is given
+        quick_gelu = bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu"))
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, device=self.device)
+            name, pretrained=weights, device=self.device, force_quick_gelu=quick_gelu)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         # by weights identity, so cached features never outlive weights replaced in place
-        self.scorer_id = f"clip:{model_identity(name)}:{model_identity(weights or '')}"
+        self.scorer_id = (f"clip:{model_identity(name)}{'-quickgelu' if quick_gelu else ''}:"
+                          f"{model_identity(weights or '')}")
         logger.info("CLIP scorer %s on %s", self.scorer_id, self.device)
 
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -325,14 +395,14 @@ class DINOScorer:
     """A transformers ViT (DINO ViT-S/16 by default) whose CLS token is the image embedding.
 
     ``model`` is a folder written by ``save_pretrained`` or a hub id; only safetensors weights
-    are read. With ``local_files_only`` the hub is never contacted. A model of the protocol's
-    224 px input gets the protocol's preprocessing (:func:`dino_preprocess`) whatever its
+    are read. With ``local_files_only`` (the default) the hub is never contacted. A model of the
+    protocol's 224 px input gets the protocol's preprocessing (:func:`dino_preprocess`) whatever its
     folder holds; a model of another input size must be a folder with a
     ``preprocessor_config.json``, which is followed (:func:`processor_preprocess`).
     """
 
     def __init__(self, model: str = "facebook/dino-vits16", *, device: torch.device | str = "cpu",
-                 batch_size: int = 32, local_files_only: bool = False) -> None:
+                 batch_size: int = 32, local_files_only: bool = True) -> None:
         from transformers import ViTModel
 
         if batch_size < 1:
@@ -345,9 +415,10 @@ class DINOScorer:
                                                local_files_only=local_files_only,
                                                add_pooling_layer=False)
         except OSError as error:
-            where = "local files only" if local_files_only else "hub or local cache"
-            raise FileNotFoundError(f"cannot load DINO model {model!r} ({where}): {error}"
-                                    ) from error
+            if model.startswith((".", "/", "~")) or Path(model).exists():  # a folder, not an id
+                raise FileNotFoundError(f"cannot load DINO model {model!r}: "
+                                        f"{_first_line(error)}") from error
+            raise _not_fetched(f"DINO model {model!r}", local_files_only, error) from error
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = network.to(self.device).eval()

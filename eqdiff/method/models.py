@@ -8,6 +8,7 @@ Weights are only read from safetensors: pickled checkpoints are refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from eqdiff.config import ALLOW_DOWNLOADS
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +103,8 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` keeps every Hugging Face library off the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
@@ -122,10 +126,20 @@ def _locate(source: str) -> str:
     return source
 
 
-def check_base_model(source: str, *, local_files_only: bool = False) -> None:
+def downloads_off(local_files_only: bool) -> str:
+    """Why nothing was downloaded, and how to allow it (for errors)."""
+    return (f"downloads are off: {ALLOW_DOWNLOADS}" if local_files_only
+            else "downloads are off (HF_HUB_OFFLINE is set)")
+
+
+def check_base_model(source: str, *, local_files_only: bool = True,
+                     resolution: int | None = None) -> None:
     """Fail fast, without loading weights, for a base model that cannot load: a missing or
     incomplete folder, a pickled checkpoint, a missing single file, or (offline) a hub id that
-    is not in the local Hugging Face cache."""
+    is not in the local Hugging Face cache.
+
+    With ``resolution`` (the run's image size), a model whose native resolution, read from its
+    configs, is at least twice as large or at most half as large gets a warning."""
     source = str(source)
     expanded = Path(source).expanduser()
     if expanded.suffix == ".safetensors":
@@ -133,23 +147,50 @@ def check_base_model(source: str, *, local_files_only: bool = False) -> None:
             raise ModelLoadError(f"single-file checkpoint {expanded} does not exist")
         return
     location = _locate(source)
-    if not Path(location).is_dir() and (local_files_only or _offline()):  # a hub id
+    if not Path(location).is_dir() and (local_files_only or hub_offline()):  # a hub id
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(source, "unet/config.json"), str):
-            raise ModelLoadError(f"base model {source!r} is not in the local Hugging Face cache "
-                                 "and downloads are off: give a local folder, or cache it first")
+            raise ModelLoadError(f"base model {source!r} is not in the local Hugging Face "
+                                 f"cache and {downloads_off(local_files_only)}, or give a "
+                                 "local folder")
+    native = native_resolution(location)
+    if resolution is not None and native is not None and not native / 2 < resolution < 2 * native:
+        logger.warning("base model %s makes %d px images but the run uses %d px: set "
+                       "train.resolution and sample.resolution to %d (config overrides, e.g. "
+                       "{train.resolution: %d, sample.resolution: %d})", source, native,
+                       resolution, native, native, native)
+
+
+def native_resolution(location: str) -> int | None:
+    """The image size a diffusers model folder (or a hub id in the local cache) was made for:
+    the UNet's ``sample_size`` times the VAE's scale factor, read from the configs without
+    loading weights; None when the configs are not at hand or do not say."""
+    from huggingface_hub import try_to_load_from_cache
+
+    configs = {}
+    for part in ("unet", "vae"):
+        file = (Path(location) / part / "config.json" if Path(location).is_dir()
+                else try_to_load_from_cache(location, f"{part}/config.json"))
+        if not isinstance(file, (str, Path)) or not Path(file).is_file():
+            return None
+        configs[part] = json.loads(Path(file).read_text("utf-8"))
+    sample_size = configs["unet"].get("sample_size")
+    blocks = configs["vae"].get("block_out_channels")
+    if not isinstance(sample_size, int) or not blocks:
+        return None
+    return sample_size * 2 ** (len(blocks) - 1)
 
 
 def load_sd_components(source: str, *, revision: str | None = None,
-                       local_files_only: bool = False, config_folder: str | None = None,
+                       local_files_only: bool = True, config_folder: str | None = None,
                        torch_dtype: torch.dtype | None = None) -> SDComponents:
     """Load tokenizer, text encoder, VAE, UNet and the DDPM training scheduler.
 
     ``source`` is a diffusers-layout folder, a hub id (``org/name``; read from the local
-    Hugging Face cache when ``local_files_only`` or ``HF_HUB_OFFLINE=1``), or a single
-    ``.safetensors`` checkpoint (then ``config_folder`` names a diffusers folder or hub id
-    holding the component configs, since nothing may be fetched).
+    Hugging Face cache when ``local_files_only``, the default, or ``HF_HUB_OFFLINE=1``), or a
+    single ``.safetensors`` checkpoint (then ``config_folder`` names a diffusers folder or hub
+    id holding the component configs, since nothing may be fetched).
     """
     source = str(source)
     expanded = Path(source).expanduser()
@@ -157,7 +198,7 @@ def load_sd_components(source: str, *, revision: str | None = None,
         return _load_single_file(expanded, config_folder=config_folder,
                                  local_files_only=local_files_only, torch_dtype=torch_dtype)
     location = _locate(source)
-    offline = local_files_only or _offline()
+    offline = local_files_only or hub_offline()
     kwargs: dict[str, Any] = {"local_files_only": offline}
     if revision:
         kwargs["revision"] = revision
@@ -173,10 +214,12 @@ def load_sd_components(source: str, *, revision: str | None = None,
                                                     torch_dtype=torch_dtype, **kwargs)
         scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs)
     except (OSError, ValueError) as err:
-        hint = ("it is not in the local Hugging Face cache and downloads are off "
-                "(HF_HUB_OFFLINE / local_files_only)" if offline and location == source
+        hint = (f"it is not in the local Hugging Face cache and "
+                f"{downloads_off(local_files_only)}" if offline and location == source
                 else "check the id, the revision and your network or HF token")
-        raise ModelLoadError(f"could not load base model {source!r}: {hint}. ({err})") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load base model {source!r}: {hint} ({first_line})"
+                             ) from err
     logger.info("loaded base model %s (unet %.0fM params)", source,
                 sum(p.numel() for p in unet.parameters()) / 1e6)
     return SDComponents(tokenizer, text_encoder, vae, unet, scheduler, source)
@@ -193,7 +236,7 @@ def _load_single_file(path: Path, *, config_folder: str | None, local_files_only
                              "folder or hub id with the SD-1.x component configs)")
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config_folder, local_files_only=local_files_only or _offline(),
+            str(path), config=config_folder, local_files_only=local_files_only or hub_offline(),
             torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load single-file checkpoint {path}: {err}") from err

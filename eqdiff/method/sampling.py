@@ -235,7 +235,7 @@ class ConceptGenerator:
     def from_pretrained(cls, source: str, sample: SampleConfig = SampleConfig(),
                         rra: RRAConfig = RRAConfig(), *, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None,
-                        local_files_only: bool = False) -> ConceptGenerator:
+                        local_files_only: bool = True) -> ConceptGenerator:
         components = load_sd_components(source, local_files_only=local_files_only,
                                         torch_dtype=dtype)
         return cls(components, sample, rra, device=device, dtype=dtype)

@@ -299,6 +299,17 @@ def test_model_extractors_need_a_model() -> None:
                         local_files_only=True).extract(item)
 
 
+def test_model_extractors_never_download_by_default(no_network: list) -> None:
+    item, _ = _synthetic(1, 32)[0]
+    for extractor in (build_extractor("clipseg", MaskConfig(
+                          segmentation_model="eqdiff-tests/absent-clipseg")),
+                      GroundedSamMask("eqdiff-tests/absent-detector", "eqdiff-tests/absent-sam")):
+        with pytest.raises(ValueError, match="model.local_files_only=false") as raised:
+            extractor.extract(item)
+        assert "eqdiff-tests/absent-" in str(raised.value) and "\n" not in str(raised.value)
+    assert no_network == []
+
+
 # --------------------------------------------------------------------------- cache
 
 def test_cache_hit_on_rerun(tmp_path: Path) -> None:

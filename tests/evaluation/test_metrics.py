@@ -207,3 +207,37 @@ def test_missing_models_raise_errors_naming_them(tmp_path: Path) -> None:
         CLIPScorer("ViT-B-32", str(tmp_path / "no-such-clip.safetensors"))
     with pytest.raises(ValueError, match="unknown CLIP model"):
         CLIPScorer("ViT-Nope", "openai")
+
+
+ALLOW_DOWNLOADS_HINT = "model.local_files_only=false"
+
+
+@pytest.mark.parametrize("load", [
+    pytest.param(lambda: CLIPScorer("ViT-B-32", "openai"), id="open_clip tag"),
+    pytest.param(lambda: CLIPScorer("hf-hub:eqdiff-tests/absent-clip", ""), id="clip hf-hub"),
+    pytest.param(lambda: DINOScorer("eqdiff-tests/absent-dino"), id="dino hub id"),
+])
+def test_scorers_never_download_by_default(no_network: list, load) -> None:
+    with pytest.raises(FileNotFoundError, match=ALLOW_DOWNLOADS_HINT) as raised:
+        load()
+    assert "\n" not in str(raised.value)  # one line, naming the model and the switch
+    assert no_network == []  # not even a request to the hub
+
+
+def test_a_cached_hub_clip_model_loads_without_the_network(no_network: list,
+                                                            model_dirs: dict[str, Path]) -> None:
+    import huggingface_hub.constants as hub
+
+    commit = "0" * 40
+    repo = Path(hub.HF_HUB_CACHE) / "models--eqdiff-tests--tiny-clip"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in model_dirs["clip"].iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cached = CLIPScorer("hf-hub:eqdiff-tests/tiny-clip", "")
+    local = CLIPScorer(str(model_dirs["clip"]), "")
+    image = _images(1)
+    assert torch.allclose(cached.image_features(image), local.image_features(image))
+    assert no_network == []

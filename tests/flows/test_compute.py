@@ -124,7 +124,8 @@ import ray
 from prefect import flow, task
 
 from flows.compute import plan_compute, ray_init_kwargs
-from flows.customize import _submit, _task_runner
+from flows.customize import _task_runner
+from flows.schedule import Dispatcher, Job
 from tasks.resources import device_for_task
 
 ray.init(num_gpus=1, **ray_init_kwargs(""))  # one logical GPU: tasks ask for it as on a GPU node
@@ -149,13 +150,19 @@ out = {}
 for reuse in (False, True):
     plan = plan_compute("ray", reuse_gpu_workers=reuse)
 
-    @flow(task_runner=_task_runner(plan))
-    def three_tasks() -> list[dict]:
-        return [_submit(probe, plan).result() for _ in range(3)]  # one after another
+    def dispatched(jobs):
+        return Dispatcher(plan, lambda: _task_runner(plan)).run(jobs).done
 
-    @flow(task_runner=_task_runner(plan))
+    @flow
+    def three_tasks() -> list[dict]:  # one after another
+        done = dispatched([Job(f"p{i}", "probe", (f"p{i}",), probe, lambda _done: {},
+                               needs=(f"p{i - 1}",) if i else ()) for i in range(3)])
+        return [done[f"p{i}"]["probe"] for i in range(3)]
+
+    @flow
     def cpu_task() -> dict:
-        return _submit(probe, plan, gpu=False).result()
+        done = dispatched([Job("cpu", "probe", ("cpu",), probe, lambda _done: {}, gpu=False)])
+        return done["cpu"]["probe"]
 
     runs = three_tasks()
     cpu_only = cpu_task() if reuse else None

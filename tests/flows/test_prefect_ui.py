@@ -1,5 +1,7 @@
 """The Prefect UI path a user takes: Deployments → customize-dataset → Run → Custom run, the
-parameters entered in the form's JSON input, Submit, the run completing, its artifacts.
+parameters entered in the form's own fields (text, numbers, a list, a multi-select and a select;
+no JSON), Submit, the run completing, the training task run's log lines (step, loss) found
+through the Runs page's task runs, and the report artifact.
 
 Drives headless Chromium (Debian's /usr/bin/chromium; Playwright never downloads a browser)
 against the session's Prefect server, with the deployments served by deployments/serve.py in a
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,38 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium"),
 ]
+
+
+def _form_field(page: Any, label: str) -> Any:
+    """The Prefect UI form's property titled ``label`` (its header, description and control),
+    not the ones nested in it."""
+    return page.locator(
+        "xpath=//div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')]"
+        "[./div[contains(@class, 'p-label__header')]"
+        "//span[contains(@class, 'schema-form-property__label')]"
+        f"[normalize-space()='{label} (Optional)']]")
+
+
+def _select(page: Any, label: str, wanted: set[str]) -> None:
+    """Make exactly ``wanted`` the chosen options of the multi-select property ``label``."""
+    control = _form_field(page, label).locator("button.p-select-button__control")
+    control.focus()
+    control.press("ArrowDown")  # opens the option list
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    for option in options.all():
+        chosen = "p-select-option--selected" in (option.get_attribute("class") or "")
+        if (option.inner_text().strip() in wanted) != chosen:
+            option.click()
+    control.press("Escape")
+
+
+def _choose(page: Any, label: str, value: str) -> None:
+    """Choose ``value`` in the single-select property ``label``."""
+    control = _form_field(page, label).locator("button.p-select-button__control")
+    control.focus()
+    control.press("ArrowDown")
+    page.get_by_role("option", name=value, exact=True).click()
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -88,20 +123,28 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     from playwright.sync_api import Page, Route, expect, sync_playwright
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterStartTime,
+    )
 
     from flows.params import CustomizeParams
 
     deployment, serve_log = served
     ui_url = prefect_server.removesuffix("/api")
     store = tmp_path / "store"
-    params = {"dataset": "demo", "subjects": ["red_ball"], "methods": ["textual-inversion"],
-              "steps": 2, "base_model": "tiny", "images_per_prompt": 1, "max_prompts": 1,
-              "compute": "local", "storage_url": str(store),
-              "overrides": {"train.num_prior_images": 2, "sample.steps": 2}}
-    run_id = CustomizeParams(**params).derived_run_id()
+    # a tiny run: one subject, one method, two steps, one image of one prompt, in the flow's
+    # process; the form's other fields (the overrides too) keep what it starts with
+    entered = {"dataset": "demo", "subjects": ["red_ball"], "methods": ["textual-inversion"],
+               "steps": 2, "base_model": "tiny", "images_per_prompt": 1, "max_prompts": 1,
+               "compute": "local", "storage_url": str(store)}
+    unit = "red_ball · textual-inversion"  # how task runs name a (subject, method)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    (SHOTS / "failure.png").unlink(missing_ok=True)
+    for old in SHOTS.glob("*.png"):
+        old.unlink()
 
     def shot(page: Page, name: str, *, full_page: bool = False) -> Path:
         path = SHOTS / f"{name}.png"
@@ -138,21 +181,29 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
             expect(page.get_by_text("Images Per Prompt (Optional)")).to_be_visible()
             shot(page, "02-custom-run-form", full_page=True)
 
-            # The form's JSON input (Parameters ⋮ → Use JSON input): lists, the method
-            # multi-select and the overrides dict in one place
-            parameters = page.get_by_role("heading", name="Parameters", exact=True)
-            parameters.locator("xpath=..").get_by_role("button").first.click()
-            page.get_by_role("button", name="Use JSON input").click()
-            editor = page.get_by_role("textbox").nth(1)  # after the run name
-            expect(editor).to_have_value(re.compile(r'^\s*\{\s*"params"'))
-            editor.fill(json.dumps({"params": params}, indent=2))
-            expect(editor).to_have_value(re.compile(re.escape(str(store))))
-            shot(page, "03-custom-run-json")
+            # The form's own fields, as a user fills them
+            for label, value in (("Dataset", entered["dataset"]),
+                                 ("Base Model", entered["base_model"]),
+                                 ("Storage Url", entered["storage_url"])):
+                _form_field(page, label).locator("textarea").fill(value)
+            for label, value in (("Steps", entered["steps"]),
+                                 ("Max Prompts", entered["max_prompts"]),
+                                 ("Images Per Prompt", entered["images_per_prompt"])):
+                _form_field(page, label).locator("input").fill(str(value))
+            subjects = _form_field(page, "Subjects")
+            subjects.get_by_role("button", name="Add item").click()
+            subjects.locator("textarea").last.fill(entered["subjects"][0])
+            _select(page, "Methods", set(entered["methods"]))
+            _choose(page, "Compute", entered["compute"])
+            for label, shown in (("Methods", "textual-inversion"), ("Compute", "local")):
+                control = _form_field(page, label).locator("button.p-select-button__control")
+                expect(control).to_have_accessible_name(shown)
+            shot(page, "03-custom-run-filled", full_page=True)
 
             by_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
             with get_client(sync_client=True) as client:  # earlier tests may have run it
                 before = {r.id for r in client.read_flow_runs(deployment_filter=by_deployment)}
-            started = time.monotonic()
+            started, submitted_at = time.monotonic(), datetime.now(UTC)
             page.get_by_role("button", name="Submit", exact=True).click()
             page.wait_for_url(f"**/deployments/deployment/{deployment.id}?**")
 
@@ -162,7 +213,9 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
                         if r.id not in before]
                 assert len(runs) == 1, f"expected the one submitted run, got {runs}"
                 run = runs[0]
-                assert run.parameters == {"params": params}, run.parameters
+                submitted = CustomizeParams(**run.parameters["params"])
+                assert {k: getattr(submitted, k) for k in entered} == entered, run.parameters
+                run_id = submitted.derived_run_id()
                 page.goto(f"{ui_url}/flow-runs/flow-run/{run.id}", wait_until="networkidle")
                 shot(page, "04-run-started")
                 while True:
@@ -178,6 +231,12 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
                             time.monotonic() - started)
                 artifacts = {a.key: a.type for a in client.read_artifacts()
                              if a.flow_run_id == run.id and a.key}
+                # this run's task runs of the unit, wherever they sit under the flow run
+                ours = TaskRunFilter(name=TaskRunFilterName(like_=unit),
+                                     start_time=TaskRunFilterStartTime(after_=submitted_at))
+                task_runs = {t.name.split(" · ")[0]: t.id
+                             for t in client.read_task_runs(task_run_filter=ours)}
+            assert set(task_runs) == {"train", "generate"}, task_runs
 
             report_key, scores_key = f"report-{run_id}", f"scores-{run_id}"
             assert artifacts.get(report_key) == "markdown", artifacts
@@ -189,18 +248,35 @@ def test_custom_run_from_the_prefect_ui(prefect_server: str, served: tuple[Any, 
             expect(page.get_by_text(run.name).first).to_be_visible()
             shot(page, "05-run-completed")
 
+            # Runs → Task runs, searched by subject and method: the training's page, its log
+            # lines (one per logged step, with the loss)
+            page.goto(f"{ui_url}/runs", wait_until="networkidle")
+            page.get_by_role("tab", name="Task runs").click()
+            page.get_by_placeholder("Search by task run name").fill(unit)
+            for stage, task_run_id in task_runs.items():
+                expect(page.locator(f"a[href$='/runs/task-run/{task_run_id}']")).to_have_text(
+                    f"{stage} · {unit}")
+            shot(page, "06-task-runs")
+            page.locator(f"a[href$='/runs/task-run/{task_runs['train']}']").click()
+            page.wait_for_url(f"**/runs/task-run/{task_runs['train']}**")
+            expect(page.get_by_text(re.compile(r"step 2/2 loss \d+\.\d{4}, [\d.]+ steps/s, "
+                                               r"ETA 0s"))).to_be_visible()
+            expect(page.get_by_text(re.compile(r"step 1/2 loss"))).to_be_visible()
+            shot(page, "07-train-task-run-logs")
+
+            page.goto(f"{ui_url}/flow-runs/flow-run/{run.id}", wait_until="networkidle")
             page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
             report_link = page.get_by_text(report_key, exact=True).first
             expect(report_link).to_be_visible()
             expect(page.get_by_text(scores_key, exact=True).first).to_be_visible()
-            shot(page, "06-run-artifacts")
+            shot(page, "08-run-artifacts")
 
             report_link.click()
             page.wait_for_url("**/artifacts/**")
             expect(page.get_by_text(f"EqDiff run {run_id}").first).to_be_visible()
             all_done = re.compile(r"(\d+) of \1 \(subject, method\) units done")
             expect(page.get_by_text(all_done).first).to_be_visible()
-            shot(page, "07-report-artifact", full_page=True)
+            shot(page, "09-report-artifact", full_page=True)
         except Exception:
             path = shot(page, "failure", full_page=True)
             logger.error("the UI at failure: %s (page %s)", path, page.url)

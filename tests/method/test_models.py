@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from eqdiff.fixtures import TINY_RESOLUTION
 from eqdiff.fixtures.zoo import (
     build_tiny_clip,
     build_tiny_dino,
@@ -19,6 +20,7 @@ from eqdiff.method.models import (
     check_base_model,
     load_sd_components,
     model_identity,
+    native_resolution,
 )
 
 
@@ -101,6 +103,29 @@ def test_the_pre_flight_check_agrees_with_the_loader_without_loading(tiny_sd, tm
                            (str(tmp_path / "model.ckpt"), "pickled")):
         with pytest.raises(ModelLoadError, match=reason):
             check_base_model(source, local_files_only=True)
+
+
+@pytest.mark.parametrize("load", [check_base_model, load_sd_components])
+def test_an_uncached_base_model_is_never_downloaded_by_default(no_network, load):
+    with pytest.raises(ModelLoadError, match="model.local_files_only=false") as raised:
+        load("eqdiff-tests/absent-sd")
+    assert "eqdiff-tests/absent-sd" in str(raised.value) and "\n" not in str(raised.value)
+    assert no_network == []
+
+
+def test_a_run_far_from_the_models_resolution_is_warned_about(tiny_sd, caplog):
+    assert native_resolution(str(tiny_sd)) == TINY_RESOLUTION  # from the configs alone
+    caplog.set_level(logging.WARNING, logger="eqdiff.method.models")
+    for resolution in (TINY_RESOLUTION, 96, TINY_RESOLUTION // 2 + 8):  # near enough: quiet
+        check_base_model(tiny_sd, resolution=resolution)
+    check_base_model(tiny_sd)  # no run resolution given: nothing to compare
+    assert caplog.records == []
+    for resolution in (512, 2 * TINY_RESOLUTION, TINY_RESOLUTION // 2):
+        check_base_model(tiny_sd, resolution=resolution)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 3
+    assert all(f"makes {TINY_RESOLUTION} px" in w and "train.resolution" in w for w in warnings)
+    assert "uses 512 px" in warnings[0]
 
 
 def test_model_identity_tells_local_models_apart(tiny_sd, tmp_path):

@@ -1,5 +1,7 @@
 """Customization training on the tiny offline SD: embeddings, K/V, resume, concept files."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -23,7 +25,9 @@ from eqdiff.method.embeddings import (
 from eqdiff.method.models import load_sd_components
 from eqdiff.method.training import (
     EXTENSION_SWITCHES,
+    LogProgress,
     ProgressBar,
+    StepResult,
     builtin_extensions,
     check_extensions,
     train_concept,
@@ -285,3 +289,49 @@ def test_progress_bar_follows_the_steps_of_a_resumed_run(tiny_sd, tmp_path):
                   callbacks=[bar])
     assert (bar._bar.initial, bar._bar.n, bar._bar.total) == (2, 4, 4)
     assert "loss" in bar._bar.postfix
+
+
+class _DeviceLoss:
+    """Stands in for a step's loss tensor on the device; counts its reads (each a sync)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.reads = 0
+
+    def tolist(self) -> list[float]:
+        self.reads += 1
+        return [self.value]
+
+
+def _log_steps(start: int, total: int, seconds_per_step, caplog
+               ) -> tuple[list[int], int, list[str]]:
+    """A :class:`LogProgress` (a line every 10 steps or 30 s) over fake steps on a fake clock:
+    (the steps logged, the loss reads, the lines)."""
+    now = [0.0]
+    progress = LogProgress("training ball/eqdiff", every_steps=10, every_s=30.0,
+                           clock=lambda: now[0])
+    caplog.clear()
+    progress.on_start(start, total)
+    losses = []
+    for step in range(start + 1, total + 1):
+        now[0] += seconds_per_step(step)
+        losses.append(_DeviceLoss(1.0 / step))
+        progress.on_step(StepResult(step, total, ("loss",), losses[-1], ()), trainer=None)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("eqdiff")]
+    logged = [step for step, loss in enumerate(losses, start=start + 1) if loss.reads]
+    return logged, sum(loss.reads for loss in losses), lines
+
+
+def test_log_progress_logs_every_n_steps_or_t_seconds_and_reads_the_loss_only_then(caplog):
+    caplog.set_level(logging.INFO, logger="eqdiff")
+    # 1 s a step up to step 15 (the step count decides), then 10 s a step (the clock decides)
+    logged, reads, lines = _log_steps(0, 40, lambda s: 1.0 if s <= 15 else 10.0, caplog)
+    assert logged == [1, 11, 18, 21, 24, 27, 30, 33, 36, 39, 40]  # and the first and the last
+    assert reads == len(logged) == len(lines)
+    assert lines[1] == "training ball/eqdiff: step 11/40 loss 0.0909, 1.00 steps/s, ETA 29s"
+    assert lines[-1] == "training ball/eqdiff: step 40/40 loss 0.0250, 0.15 steps/s, ETA 0s"
+    # a resumed run starts counting (and measuring speed) from its checkpoint's step
+    logged, _, lines = _log_steps(100, 250, lambda s: 2.0, caplog)
+    assert logged[:3] == [101, 111, 121] and logged[-1] == 250
+    assert lines[0].startswith("training ball/eqdiff: step 101/250 loss 0.0099, 0.50 steps/s, "
+                               "ETA 4m58s")

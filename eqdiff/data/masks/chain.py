@@ -40,7 +40,7 @@ FULL_COVERAGE = 0.95  # above: the extractor most likely took the background too
 
 
 def build_extractor(name: str, config: MaskConfig, *, mask_dir: str | Path | None = None,
-                    device: str = "cpu", local_files_only: bool = False) -> MaskExtractor:
+                    device: str = "cpu", local_files_only: bool = True) -> MaskExtractor:
     """The extractor called ``name``, with settings from ``config``."""
     if name == "grabcut":
         return GrabCutMask()

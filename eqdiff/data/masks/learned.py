@@ -1,8 +1,9 @@
 """Mask extractors built on pretrained models: Grounded-SAM and CLIPSeg.
 
 Models load lazily, on the first mask, through :func:`load_pretrained` — a local folder or a hub
-id already in the local cache (``local_files_only`` turns downloads off) — so building an
-extractor (and hashing its settings for the cache) needs neither ``transformers`` nor weights.
+id already in the local cache (``local_files_only``, on by default, keeps downloads off) — so
+building an extractor (and hashing its settings for the cache) needs neither ``transformers``
+nor weights.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eqdiff.config import ALLOW_DOWNLOADS
 from eqdiff.data.masks.extractors import MaskInput, MaskUnavailable
 
 
@@ -34,9 +36,12 @@ def load_pretrained(processor_class: Any, model_class: Any, source: str, what: s
             loaded.append(loader.from_pretrained(source, local_files_only=local_files_only,
                                                  **options))
         except (OSError, ValueError) as error:
-            raise ValueError(f"could not load the {what} {part} from {source!r} (a local folder "
-                             "or a hub id already in the local cache; downloads may be off): "
-                             f"{error}") from error
+            where = ("a local folder or a hub id already in the local cache; downloads are "
+                     f"off: {ALLOW_DOWNLOADS}" if local_files_only
+                     else "a local folder or a hub id")
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise ValueError(f"could not load the {what} {part} from {source!r} ({where}): "
+                             f"{first_line}") from error
     processor, model = loaded
     return processor, model.to(device).eval()
 
@@ -50,7 +55,7 @@ class GroundedSamMask:
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     device: str = "cpu"
-    local_files_only: bool = False
+    local_files_only: bool = True
     name: str = "grounded-sam"
     cacheable: bool = True
 
@@ -110,7 +115,7 @@ class ClipSegMask:
     model: str
     threshold: float = 0.4
     device: str = "cpu"
-    local_files_only: bool = False
+    local_files_only: bool = True
     name: str = "clipseg"
     cacheable: bool = True
 

@@ -8,13 +8,18 @@
 - :mod:`~eqdiff.method.training.checkpoint` — :class:`Checkpointer`, :func:`read_checkpoint`,
   :class:`CheckpointRejected` and :func:`training_hash`;
 - :mod:`~eqdiff.method.training.callbacks` — :class:`TrainingCallback`, :class:`StepResult`,
-  :class:`ProgressBar`;
+  :class:`ProgressBar`, :class:`LogProgress`;
 - :mod:`~eqdiff.method.training.batch` — :class:`ConceptData` and the per-step batches;
 - :mod:`~eqdiff.method.training.precision` — autocast and frozen-weight dtypes.
 """
 
 from eqdiff.method.training.batch import STEP_INPUTS, ConceptData, StepBatch, StepDraws
-from eqdiff.method.training.callbacks import ProgressBar, StepResult, TrainingCallback
+from eqdiff.method.training.callbacks import (
+    LogProgress,
+    ProgressBar,
+    StepResult,
+    TrainingCallback,
+)
 from eqdiff.method.training.checkpoint import (
     Checkpointer,
     CheckpointRejected,
@@ -47,6 +52,7 @@ __all__ = [
     "CrossAttentionLossExtension",
     "CustomKVExtension",
     "GraphedStep",
+    "LogProgress",
     "ProgressBar",
     "StepBatch",
     "StepDraws",
