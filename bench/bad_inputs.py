@@ -106,7 +106,7 @@ def _corrupt(path: Path, seed: int = 0) -> None:
 
 def _png16(root: Path) -> None:
     grey = np.asarray(_photo(root).convert("L"), dtype=np.uint16) * 257
-    Image.fromarray(grey, mode="I;16").save(root / "red_ball" / "10_16bit.png")
+    Image.fromarray(grey).save(root / "red_ball" / "10_16bit.png")  # uint16: mode I;16
 
 
 def _gif(root: Path) -> None:

@@ -53,7 +53,6 @@ from flows.compute import ComputePlan, check_topology, plan_compute
 from flows.interrupts import crash_open_task_runs, crash_orphaned_runs
 from flows.params import CustomizeParams
 from flows.schedule import Dispatcher, Job, Outcome, error_text
-from tasks import stages as stage_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +179,7 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
         record["record_at"] = save_run_record(store, run_id, record, DEFAULT_WORKDIR)
         report = None
         if run.done and record["record_at"] == store.location(keys.run_record(run_id)):
-            built = stage_tasks.build_report(ctx, return_state=True)
-            report = built.result(raise_on_failure=False)
+            report = build_report(ctx)
             if isinstance(report, BaseException):
                 log.error("run %s: the report could not be built: %s", run_id,
                           error_text(report))
@@ -196,6 +194,21 @@ def customize_dataset(params: CustomizeParams = DEFAULT_PARAMS) -> dict:
              sum(v == "done" for v in record["units"].values()), len(record["units"]),
              f"; report: {report['location']}" if report else "")
     return {**record, "report": report}
+
+
+def build_report(ctx: RunContext) -> dict | BaseException:
+    """The run's report (its key and location): the stored one when it was built from the
+    scores and failures the store holds now, else built again by the report task."""
+    from eqdiff.evaluation.scores import current_report
+
+    key = current_report(ctx.store(), ctx.run_id)
+    if key is not None:
+        get_run_logger().info("run %s: the stored report is up to date", ctx.run_id)
+        return {"prefix": keys.report_prefix(ctx.run_id), "skipped": True, "report": key,
+                "location": ctx.store().location(key)}
+    from tasks import stages as stage_tasks
+
+    return stage_tasks.build_report(ctx, return_state=True).result(raise_on_failure=False)
 
 
 def compute_for(params: CustomizeParams, ctx: RunContext) -> ComputePlan:
@@ -216,6 +229,8 @@ def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan | None) -> O
     finds nothing to run (no Ray is started for it)."""
     ctx, config = setup.ctx, setup.ctx.config
     run = Outcome()
+    if plan is not None:  # work to do: the stage tasks and the model code they import
+        from tasks import stages as stage_tasks
     for step in run_plan.steps.values():
         if step.done:  # the real photos' scores belong to the subject, not to a unit
             key = step.item.split("/")[0] if step.item.endswith(f"/{REAL_IMAGES}") else step.item
@@ -246,6 +261,8 @@ def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan | None) -> O
 def unit_jobs(setup: RunSetup, run_plan: RunPlan, subjects: list[Subject]) -> list[Job]:
     """The jobs for every step the plan finds to run, each needing the jobs of the steps it
     reads that are to run too (a done step needs no job)."""
+    from tasks import stages as stage_tasks
+
     ctx, config = setup.ctx, setup.ctx.config
     jobs: list[Job] = []
     names: dict[tuple[str, str], str] = {}

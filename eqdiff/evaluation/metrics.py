@@ -30,16 +30,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 from eqdiff.config import ALLOW_DOWNLOADS
 from eqdiff.method.models import downloads_off, hub_offline, model_identity
+
+if TYPE_CHECKING:  # torchvision is imported where images are transformed
+    from torchvision import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +318,8 @@ class CLIPScorer:
 def dino_preprocess() -> transforms.Compose:
     """The protocol's DINO preprocessing: resize 256 (shorter side, bicubic), centre-crop 224,
     ImageNet mean/std."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.Resize(DINO_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(DINO_CROP),
@@ -324,13 +328,9 @@ def dino_preprocess() -> transforms.Compose:
     ])
 
 
-# PIL resampling codes, as transformers' image processors save them
-_PIL_INTERPOLATION = {0: transforms.InterpolationMode.NEAREST,
-                      1: transforms.InterpolationMode.LANCZOS,
-                      2: transforms.InterpolationMode.BILINEAR,
-                      3: transforms.InterpolationMode.BICUBIC,
-                      4: transforms.InterpolationMode.BOX,
-                      5: transforms.InterpolationMode.HAMMING}
+# PIL resampling codes, as transformers' image processors save them, by torchvision's names
+_PIL_INTERPOLATION = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX",
+                      5: "HAMMING"}
 
 
 def _torchvision_size(value: object, what: str) -> int | tuple[int, int]:
@@ -355,13 +355,16 @@ def processor_preprocess(config: dict) -> transforms.Compose:
     that), ``resample`` (PIL code), ``do_center_crop`` with ``crop_size``, rescaling by 1/255
     and ``image_mean``/``image_std``, which must be given. Anything else raises ``ValueError``.
     """
+    from torchvision import transforms
+
     steps: list[Callable] = []
     if config.get("do_resize", True):
         resample = config.get("resample", 2)
         if resample not in _PIL_INTERPOLATION:
             raise ValueError(f"image processor resample {resample!r} is not a PIL code")
         steps.append(transforms.Resize(_torchvision_size(config.get("size"), "size"),
-                                       interpolation=_PIL_INTERPOLATION[resample]))
+                                       interpolation=getattr(transforms.InterpolationMode,
+                                                             _PIL_INTERPOLATION[resample])))
     if config.get("do_center_crop", False):
         crop = _torchvision_size(config.get("crop_size"), "crop_size")
         steps.append(transforms.CenterCrop(crop))

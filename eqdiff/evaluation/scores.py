@@ -24,7 +24,7 @@ from eqdiff.evaluation.metrics import SCORE_COLUMNS
 from eqdiff.evaluation.report import FAILURE_COLUMNS, check_scores, write_report
 from eqdiff.evaluation.report.tables import DATASET_ROW
 from eqdiff.store import ArtifactNotFoundError, ArtifactStore, ObjectInfo, keys
-from eqdiff.store.keys import RUN_RECORD, SCORES_FILE, unescape_segment
+from eqdiff.store.keys import RUN_RECORD, SCORES_FILE, join_key, unescape_segment
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,7 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
         provenance["sampling seed"] = config.sample.seed
         provenance["mask extractor"] = (f"{config.masks.extractor} (fallback "
                                         f"{config.masks.fallback})")
-        from eqdiff.method.training import (
-            training_hash,  # heavy imports: only when a config is known
-        )
+        from eqdiff.method.identity import training_hash
 
         provenance["training config hash per method"] = {
             m.name: training_hash(config, m) for m in config.methods}
@@ -141,28 +139,39 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
     return provenance
 
 
-def rebuild_report(store: ArtifactStore, run_id: str, out: str | Path, *,
-                   thumb_px: int = 96, reuse: bool = False) -> Path:
-    """Build the report of ``run_id`` from stored scores into the folder ``out``, upload it to
-    ``runs/{run}/report/`` and return the local ``report.html``. Nothing is recomputed.
+REPORT_PAGE = "report.html"
 
-    With ``reuse``, a stored report made from the same scores and failures is kept as it is
-    (nothing is written, locally or to the store; the returned path names the file only)."""
+
+def _report_inputs(scores: pd.DataFrame, failures: pd.DataFrame) -> str:
+    """The hash a report's marker holds: of the score rows and failures it was built from."""
+    return hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
+                          + failures.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def current_report(store: ArtifactStore, run_id: str) -> str | None:
+    """The key of ``run_id``'s stored report page when it was built from the scores and
+    failures the store holds now (nothing to rebuild), else ``None``."""
+    scores, failures = load_run_scores(store, run_id, read_run_record(store, run_id))
+    prefix = keys.report_prefix(run_id)
+    if store.is_done(prefix, expect_hash=_report_inputs(scores, failures)):
+        return join_key(prefix, REPORT_PAGE)
+    return None
+
+
+def rebuild_report(store: ArtifactStore, run_id: str, out: str | Path, *,
+                   thumb_px: int = 96) -> Path:
+    """Build the report of ``run_id`` from stored scores into the folder ``out``, upload it to
+    ``runs/{run}/report/`` and return the local ``report.html``. Nothing is recomputed."""
     run = read_run_record(store, run_id)
     scores, failures = load_run_scores(store, run_id, run)
     if scores.empty and failures.empty:
         raise ValueError(f"{store.url}: run {run_id!r} has no scores and no recorded stages; "
                          "nothing to report")
     out = Path(out)
-    inputs = hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
-                            + failures.to_csv(index=False).encode()).hexdigest()[:16]
-    if reuse and store.is_done(keys.report_prefix(run_id), expect_hash=inputs):
-        logger.info("%s: run %s: the stored report is up to date", store.url, run_id)
-        return out / "report.html"
     files = write_report(scores, out, failures=failures, provenance=run_provenance(run, scores),
                          load_image=store.get_bytes, title=f"EqDiff evaluation — run {run_id}",
                          thumb_px=thumb_px)
-    with store.stage(keys.report_prefix(run_id), inputs) as stage:
+    with store.stage(keys.report_prefix(run_id), _report_inputs(scores, failures)) as stage:
         for path in files:
             stage.put_file(path.relative_to(out).as_posix(), path)
-    return out / "report.html"
+    return out / REPORT_PAGE

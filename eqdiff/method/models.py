@@ -13,19 +13,22 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from eqdiff.config import ALLOW_DOWNLOADS
+
+if TYPE_CHECKING:  # diffusers and transformers are imported where models are built: naming,
+    # checking and hashing a model (a run's plan) loads neither
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        SchedulerMixin,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ def sd_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIP
                 unet: UNet2DConditionModel, scheduler: SchedulerMixin
                 ) -> StableDiffusionPipeline:
     """A standard text-to-image pipeline from its parts, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -197,6 +202,9 @@ def load_sd_components(source: str, *, revision: str | None = None,
     if expanded.suffix == ".safetensors":
         return _load_single_file(expanded, config_folder=config_folder,
                                  local_files_only=local_files_only, torch_dtype=torch_dtype)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     location = _locate(source)
     offline = local_files_only or hub_offline()
     kwargs: dict[str, Any] = {"local_files_only": offline}
@@ -227,7 +235,7 @@ def load_sd_components(source: str, *, revision: str | None = None,
 
 def _load_single_file(path: Path, *, config_folder: str | None, local_files_only: bool,
                       torch_dtype: torch.dtype | None) -> SDComponents:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     if not path.is_file():
         raise ModelLoadError(f"single-file checkpoint {path} does not exist")

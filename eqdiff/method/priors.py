@@ -2,8 +2,9 @@
 
 The base model draws ``count`` images of the bare class noun (``"{class_noun}"``). Each image
 has its own seed (``seed + i``), so a larger count extends a smaller one and the batch size
-never changes an image. Subjects of the same class share them: :func:`prior_hash` is the cache
-key of (base model, class, count, seed, sampler, resolution).
+never changes an image. Subjects of the same class share them:
+:func:`eqdiff.method.identity.prior_hash` is the cache key of (base model, class, count,
+seed, sampler, resolution).
 """
 
 from __future__ import annotations
@@ -14,21 +15,12 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from eqdiff.config import SampleConfig, config_hash
-from eqdiff.method.models import SDComponents, model_identity
+from eqdiff.config import SampleConfig
+from eqdiff.method.models import SDComponents
 from eqdiff.method.sampling import make_scheduler
 from eqdiff.method.training import CLASS_PROMPT
 
 logger = logging.getLogger(__name__)
-
-
-def prior_hash(base_model: str, class_noun: str, *, count: int, seed: int,
-               sample: SampleConfig, resolution: int) -> str:
-    """Content hash naming a set of class-prior images (the cache key's last part)."""
-    return config_hash({"model": model_identity(base_model), "class": class_noun,
-                        "count": count, "seed": seed, "resolution": resolution,
-                        "steps": sample.steps, "guidance": sample.guidance_scale,
-                        "negative": sample.negative_prompt, "scheduler": "ddim"}, length=32)
 
 
 @torch.no_grad()

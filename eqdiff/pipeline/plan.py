@@ -1,8 +1,8 @@
 """What a run would do: every stage of every unit, done or to run, without running anything.
 
 A stage's digest is computed from the dataset and the settings alone (each stage's digest is
-a function of the digests of the stages it reads; see the ``*_digest`` functions of
-:mod:`eqdiff.pipeline.stages`), and a stage is done when its marker holds that digest. So the
+a function of the digests of the stages it reads; see
+:mod:`eqdiff.pipeline.digests`), and a stage is done when its marker holds that digest. So the
 plan reads one marker per stage and nothing else. The flow dispatches only the steps the plan
 finds to run; ``eqdiff plan`` and ``eqdiff status`` print the same table.
 """
@@ -19,7 +19,7 @@ from eqdiff.config import MethodConfig
 from eqdiff.data.datasets import Subject
 from eqdiff.data.prompts import PromptSet
 from eqdiff.evaluation.metrics import REAL_IMAGES
-from eqdiff.pipeline import stages
+from eqdiff.pipeline import digests
 from eqdiff.pipeline.ingest import IngestedSubject
 from eqdiff.pipeline.skeleton import RunContext
 from eqdiff.store import ArtifactStore, keys
@@ -123,32 +123,32 @@ def plan_run(ctx: RunContext, subjects: Sequence[Subject], prompt_sets: Mapping[
     prior_prefixes = {}
     if any(m.prior_preservation for m in methods):
         for class_noun in sorted({s.class_noun for s in subjects}):
-            digest = stages.priors_digest(ctx, class_noun)
+            digest = digests.priors_digest(ctx, class_noun)
             prior_prefixes[class_noun] = keys.prior_prefix(class_noun, digest)
             steps.append(Step("priors", class_noun, prior_prefixes[class_noun], digest))
-    eval_hash = stages.evaluation_hash(ctx.config.eval)
+    eval_hash = digests.evaluation_hash(ctx.config.eval)
     for subject in subjects:
         name = subject.name
-        ingest = stages.ingest_digest(IngestedSubject.describe(subject, prompt_sets[name]))
-        pre = stages.preprocess_digest(ctx, ingest)
-        masks = stages.masks_digest(ctx, pre, ingest)
+        ingest = digests.ingest_digest(IngestedSubject.describe(subject, prompt_sets[name]))
+        pre = digests.preprocess_digest(ctx, ingest)
+        masks = digests.masks_digest(ctx, pre, ingest)
         steps += [Step("ingest", name, keys.ingest_prefix(run_id, name), ingest),
                   Step("preprocess", name, keys.preprocess_prefix(run_id, name), pre),
                   Step("masks", name, keys.masks_prefix(run_id, name), masks),
                   Step("score", f"{name}/{REAL_IMAGES}",
                        keys.scores_prefix(run_id, name, REAL_IMAGES),
-                       stages.scores_digest(eval_hash, pre))]
+                       digests.scores_digest(eval_hash, pre))]
         for method in methods:
             unit = f"{name}/{method.name}"
             prior = prior_prefixes.get(subject.class_noun) if method.prior_preservation else None
-            concept = stages.train_digest(ctx, method, masks, prior)
-            samples = stages.samples_digest(ctx, concept, prompts[name])
+            concept = digests.train_digest(ctx, method, masks, prior)
+            samples = digests.samples_digest(ctx, concept, prompts[name])
             steps += [Step("train", unit, keys.concept_prefix(run_id, name, method.name),
                            concept),
                       Step("generate", unit, keys.samples_prefix(run_id, name, method.name),
                            samples),
                       Step("score", unit, keys.scores_prefix(run_id, name, method.name),
-                           stages.scores_digest(eval_hash, samples))]
+                           digests.scores_digest(eval_hash, samples))]
     with ThreadPoolExecutor(MARKER_READERS) as pool:
         markers = list(pool.map(lambda s: store.read_marker(s.prefix), steps))
     for step, marker in zip(steps, markers, strict=True):

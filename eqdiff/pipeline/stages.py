@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from eqdiff.config import EvalConfig, MethodConfig, config_hash
+from eqdiff.config import MethodConfig
 from eqdiff.data.datasets import Subject
 from eqdiff.data.masks import build_extractor, write_subject_masks
 from eqdiff.data.preprocess import SubjectManifest, mask_inputs, preprocess_subject
@@ -34,10 +34,20 @@ from eqdiff.evaluation.metrics import (
 from eqdiff.evaluation.scores import rebuild_report, save_scores
 from eqdiff.method.concept import RRA_PREFIX, load_concept, save_concept
 from eqdiff.method.models import load_sd_components, model_identity
-from eqdiff.method.priors import generate_class_priors, prior_hash
+from eqdiff.method.priors import generate_class_priors
 from eqdiff.method.reference import training_extensions
 from eqdiff.method.sampling import ConceptGenerator, plan_requests
-from eqdiff.method.training import ConceptData, TrainingCallback, train_concept, training_hash
+from eqdiff.method.training import ConceptData, TrainingCallback, train_concept
+from eqdiff.pipeline.digests import (
+    evaluation_hash,
+    ingest_digest,
+    masks_digest,
+    preprocess_digest,
+    priors_digest,
+    samples_digest,
+    scores_digest,
+    train_digest,
+)
 from eqdiff.pipeline.ingest import IngestedSubject, read_ingested
 from eqdiff.pipeline.skeleton import (
     Produced,
@@ -63,8 +73,8 @@ from eqdiff.pipeline.store_io import (
 from eqdiff.store import keys
 from eqdiff.store.keys import join_key
 
-__all__ = ["RunContext", "StageFailed", "StageResult", "class_priors", "evaluation_hash",
-           "extract_masks", "generate", "ingest", "preprocess", "report", "score", "train"]
+__all__ = ["RunContext", "StageFailed", "StageResult", "class_priors", "extract_masks",
+           "generate", "ingest", "preprocess", "report", "score", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,45 +99,6 @@ def ingest(ctx: RunContext, subject: Subject, prompt_set: PromptSet) -> StageRes
 
     return run_stage(store, keys.ingest_prefix(ctx.run_id, subject.name),
                      ingest_digest(described), work, name="ingest")
-
-
-# Each stage's digest: everything that determines its outputs, from the digests of the stages
-# it reads. A stage's marker holds its digest, so the digests of a whole run can be computed
-# from the dataset and the settings alone (see eqdiff.pipeline.plan) and compared with the
-# markers without running anything.
-
-def ingest_digest(described: IngestedSubject) -> str:
-    return config_hash(described.to_dict())
-
-
-def preprocess_digest(ctx: RunContext, ingest_hash: str) -> str:
-    return config_hash({"resolution": ctx.config.train.resolution, "ingest": ingest_hash})
-
-
-def masks_digest(ctx: RunContext, preprocess_hash: str, ingest_hash: str) -> str:
-    return config_hash(ctx.config.masks, preprocess_hash, ingest_hash)
-
-
-def priors_digest(ctx: RunContext, class_noun: str) -> str:
-    settings = ctx.config.train
-    return prior_hash(ctx.base_model, class_noun, count=settings.num_prior_images,
-                      seed=settings.prior_seed, sample=ctx.config.sample,
-                      resolution=settings.resolution)
-
-
-def train_digest(ctx: RunContext, method: MethodConfig, masks_hash: str,
-                 prior_prefix: str | None) -> str:
-    return config_hash(training_hash(ctx.config, method), masks_hash, prior_prefix or "")
-
-
-def samples_digest(ctx: RunContext, concept_hash: str, prompts: Sequence[str]) -> str:
-    return config_hash(concept_hash, ctx.config.sample, list(prompts))
-
-
-def scores_digest(eval_hash: str, source_hash: str) -> str:
-    """The scores of one (subject, method), or of the real photos (``source_hash``: their
-    preprocessing's digest); ``eval_hash`` is :func:`evaluation_hash` of the run."""
-    return config_hash(eval_hash, source_hash)
 
 
 def preprocess(ctx: RunContext, subject: str) -> StageResult:
@@ -310,13 +281,6 @@ def generate(ctx: RunContext, generator: Callable[[], ConceptGenerator], subject
                      name="gen")
 
 
-def evaluation_hash(config: EvalConfig) -> str:
-    """The evaluation settings and the identity of each scorer's weights: replacing a local
-    CLIP or DINO model in place rescores instead of keeping the old scores."""
-    return config_hash(config, *(model_identity(source) for source in
-                                 (config.clip_model, config.clip_pretrained, config.dino_model)))
-
-
 def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
           subject: str, methods: Sequence[str], *,
           cache: FeatureCache | None = None) -> StageResult:
@@ -365,13 +329,10 @@ def score(ctx: RunContext, scorers: Callable[[], tuple[CLIPScorer, DINOScorer]],
 
 
 def report(ctx: RunContext) -> StageResult:
-    """Rebuild the run's report from its stored scores (nothing recomputed); a stored report
-    made from the same scores and failures is kept."""
+    """Rebuild the run's report from its stored scores (nothing recomputed)."""
     store = ctx.store()
     prefix = keys.report_prefix(ctx.run_id)
     with tempfile.TemporaryDirectory(prefix="eqdiff-report-") as scratch:
-        html = rebuild_report(store, ctx.run_id, Path(scratch), reuse=True)
+        html = rebuild_report(store, ctx.run_id, Path(scratch))
         key = join_key(prefix, html.name)
-        skipped = not html.exists()
-    return StageResult(prefix, skipped=skipped,
-                       info={"report": key, "location": store.location(key)})
+    return StageResult(prefix, skipped=False, info={"report": key, "location": store.location(key)})

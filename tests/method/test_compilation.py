@@ -34,10 +34,11 @@ from eqdiff.method.compilation import (
     compile_regions,
     compiled_calls,
 )
+from eqdiff.method.identity import training_hash
 from eqdiff.method.models import load_sd_components
 from eqdiff.method.reference import training_extensions
 from eqdiff.method.sampling import ConceptGenerator, plan_requests
-from eqdiff.method.training import ConceptTrainer, training_hash
+from eqdiff.method.training import ConceptTrainer
 
 
 def _config(steps: int, **train) -> RunConfig:

@@ -173,8 +173,8 @@ def test_sd15_shaped_components_have_sd15_sizes():
 
 def test_weights_replaced_in_place_change_every_cache_key(tmp_path):
     from eqdiff.config import EvalConfig, ModelConfig, RunConfig, method_preset
-    from eqdiff.method.training import training_hash
-    from eqdiff.pipeline.stages import evaluation_hash
+    from eqdiff.method.identity import training_hash
+    from eqdiff.pipeline.digests import evaluation_hash
 
     base, clip, dino = tmp_path / "base", tmp_path / "clip", tmp_path / "dino"
     build_tiny_sd(base, seed=0)

@@ -6,7 +6,7 @@
 - :mod:`~eqdiff.method.training.extensions` — the :class:`TrainingExtension` seam and the
   trainer's own extensions (Custom-Diffusion K/V, the cross-attention mask loss);
 - :mod:`~eqdiff.method.training.checkpoint` — :class:`Checkpointer`, :func:`read_checkpoint`,
-  :class:`CheckpointRejected` and :func:`training_hash`;
+  and :class:`CheckpointRejected`;
 - :mod:`~eqdiff.method.training.callbacks` — :class:`TrainingCallback`, :class:`StepResult`,
   :class:`ProgressBar`, :class:`LogProgress`;
 - :mod:`~eqdiff.method.training.batch` — :class:`ConceptData` and the per-step batches;
@@ -24,7 +24,6 @@ from eqdiff.method.training.checkpoint import (
     Checkpointer,
     CheckpointRejected,
     read_checkpoint,
-    training_hash,
 )
 from eqdiff.method.training.extensions import (
     EXTENSION_SWITCHES,
@@ -67,5 +66,4 @@ __all__ = [
     "frozen_weight_dtype",
     "read_checkpoint",
     "train_concept",
-    "training_hash",
 ]

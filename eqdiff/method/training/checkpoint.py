@@ -1,5 +1,4 @@
-"""Checkpoints: the :func:`training_hash` a checkpoint (and a concept) is made under, and the
-:class:`Checkpointer` callback that writes ``last.pt`` and resumes from it.
+"""Checkpoints: the :class:`Checkpointer` callback that writes ``last.pt`` and resumes from it.
 
 A checkpoint is :meth:`ConceptTrainer.state_dict`: learned tensors, optimizer state, step,
 generator state and loss history — tensors and plain values only — so a resumed run continues
@@ -19,21 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from eqdiff.config import MethodConfig, RunConfig, config_hash
-from eqdiff.method.models import model_identity
 from eqdiff.method.training.callbacks import StepResult, TrainingCallback
 
 if TYPE_CHECKING:
     from eqdiff.method.training.trainer import ConceptTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def training_hash(config: RunConfig, method: MethodConfig) -> str:
-    """Hash of everything that changes a trained concept (not storage, not sampling); the base
-    model enters by identity too, so weights replaced at the same path retrain."""
-    return config_hash(config.model, model_identity(config.model.base_model), method,
-                       config.train, config.frequency, config.masks, config.rra, config.losses)
 
 
 STATE_FIELDS: dict[str, type] = {"step": int, "learned": dict, "optimizer": dict,

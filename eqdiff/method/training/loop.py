@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from eqdiff.config import MethodConfig, RunConfig, to_dict
+from eqdiff.method.identity import training_hash
 from eqdiff.method.models import SDComponents
 from eqdiff.method.training.batch import ConceptData
 from eqdiff.method.training.callbacks import TrainingCallback
-from eqdiff.method.training.checkpoint import Checkpointer, training_hash
+from eqdiff.method.training.checkpoint import Checkpointer
 from eqdiff.method.training.extensions import TrainingExtension
 from eqdiff.method.training.trainer import ConceptTrainer
 

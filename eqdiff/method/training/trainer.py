@@ -34,6 +34,7 @@ from eqdiff.method.embeddings import (
     install_placeholder_embeddings,
 )
 from eqdiff.method.frequency import BAND_ORDER, Band, frequency_band, sample_bands
+from eqdiff.method.identity import training_hash
 from eqdiff.method.losses import (
     latent_masks,
     masked_diffusion_loss,
@@ -44,7 +45,6 @@ from eqdiff.method.losses import (
 from eqdiff.method.models import SDComponents
 from eqdiff.method.training.batch import STEP_INPUTS, ConceptData, StepBatch, StepDraws
 from eqdiff.method.training.callbacks import StepResult
-from eqdiff.method.training.checkpoint import training_hash
 from eqdiff.method.training.extensions import (
     TrainingExtension,
     builtin_extensions,
