@@ -355,6 +355,7 @@ def run_record(setup: RunSetup, run: Outcome) -> dict:
     return {"run_id": setup.ctx.run_id, "params": setup.params.model_dump(mode="json"),
             "config": to_dict(config), "base_model": setup.ctx.base_model,
             "metric_models": setup.metric_models, "dataset": str(setup.dataset.root),
+            "dataset_layout": setup.dataset.layout,
             "status": dict(sorted(status.items())), "failures": dict(sorted(run.failed.items())),
             "records": run.done, "units": units,
             "dataset_problems": [{"kind": p.kind, "subject": p.subject, "message": p.message}

@@ -135,6 +135,7 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
                                                 if len(per_prompt) else [])
     provenance["seeds in scores"] = sorted({int(s) for s in generated["seed"]})
     provenance["dataset"] = run.get("dataset", "unknown")
+    provenance["dataset layout"] = run.get("dataset_layout") or "not recorded"
     provenance["package versions (report build)"] = package_versions()
     return provenance
 
@@ -142,18 +143,23 @@ def run_provenance(run: Mapping[str, Any], scores: pd.DataFrame) -> dict[str, An
 REPORT_PAGE = "report.html"
 
 
-def _report_inputs(scores: pd.DataFrame, failures: pd.DataFrame) -> str:
-    """The hash a report's marker holds: of the score rows and failures it was built from."""
+def _report_inputs(run: Mapping[str, Any], scores: pd.DataFrame,
+                   failures: pd.DataFrame) -> str:
+    """The hash a report's marker holds: of the score rows and failures it was built from and
+    the dataset's layout (which decides whether the published DreamBench numbers are shown)."""
+    layout = str(run.get("dataset_layout", ""))
     return hashlib.sha256(pd.util.hash_pandas_object(scores, index=False).to_numpy().tobytes()
-                          + failures.to_csv(index=False).encode()).hexdigest()[:16]
+                          + failures.to_csv(index=False).encode()
+                          + layout.encode()).hexdigest()[:16]
 
 
 def current_report(store: ArtifactStore, run_id: str) -> str | None:
-    """The key of ``run_id``'s stored report page when it was built from the scores and
-    failures the store holds now (nothing to rebuild), else ``None``."""
-    scores, failures = load_run_scores(store, run_id, read_run_record(store, run_id))
+    """The key of ``run_id``'s stored report page when it was built from what the store holds
+    now (nothing to rebuild), else ``None``."""
+    run = read_run_record(store, run_id)
+    scores, failures = load_run_scores(store, run_id, run)
     prefix = keys.report_prefix(run_id)
-    if store.is_done(prefix, expect_hash=_report_inputs(scores, failures)):
+    if store.is_done(prefix, expect_hash=_report_inputs(run, scores, failures)):
         return join_key(prefix, REPORT_PAGE)
     return None
 
@@ -170,8 +176,8 @@ def rebuild_report(store: ArtifactStore, run_id: str, out: str | Path, *,
     out = Path(out)
     files = write_report(scores, out, failures=failures, provenance=run_provenance(run, scores),
                          load_image=store.get_bytes, title=f"EqDiff evaluation — run {run_id}",
-                         thumb_px=thumb_px)
-    with store.stage(keys.report_prefix(run_id), _report_inputs(scores, failures)) as stage:
+                         thumb_px=thumb_px, dataset_layout=str(run.get("dataset_layout", "")))
+    with store.stage(keys.report_prefix(run_id), _report_inputs(run, scores, failures)) as stage:
         for path in files:
             stage.put_file(path.relative_to(out).as_posix(), path)
     return out / REPORT_PAGE

@@ -121,8 +121,12 @@ def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
     A sample with an all-zero mask contributes nothing (neither to the sum nor to the count);
     if every mask is empty the loss is exactly 0 (still differentiable, zero gradient), never
-    NaN. Masks come from the mask stage, which falls back to a full mask, so empty masks are not
-    expected here; this function does not log them because that would need a device sync.
+    NaN. In training no mask is empty: the mask stage passes over an extractor whose mask covers
+    less than ``masks.min_coverage`` of the photo (an empty one always) for the configured
+    fallback and then the full mask, and :class:`~eqdiff.method.training.ConceptData` refuses
+    an empty pixel mask; the dilated latent mask of a non-empty one could only be empty if
+    nearest-neighbour resizing missed every one of its pixels. This function does not check,
+    because that would need a device sync.
 
     Args:
         pred: ``(B, C, h, w)`` model output, any float dtype.

@@ -132,7 +132,12 @@ def _summary(manifest: SubjectManifest) -> dict:
 
 
 def extract_masks(ctx: RunContext, subject: str, *, device: str = "cpu") -> StageResult:
-    """Mask every preprocessed photo with the configured extractor (and its fallbacks)."""
+    """Mask every preprocessed photo with the configured extractor (and its fallbacks).
+
+    A mask the extractor could not make, or one covering less than ``masks.min_coverage``, is
+    replaced by the fallback's and then by the full mask: no mask written is empty. The info
+    names the extractors that made the masks, counts the ``fallbacks`` and lists the
+    ``warnings`` (one per fallback or near-full mask, naming the photo)."""
     store = ctx.store()
     source = keys.preprocess_prefix(ctx.run_id, subject)
     source_record = require_done(store, source, f"preprocessing of {subject!r}")
@@ -150,16 +155,23 @@ def extract_masks(ctx: RunContext, subject: str, *, device: str = "cpu") -> Stag
         if wanted == "provided" and provided.mask_dir is None:
             logger.info("%s: no mask folder; using %s", subject, settings.fallback)
             wanted = settings.fallback
+        local_only = ctx.config.model.local_files_only
         extractor = build_extractor(wanted, settings, mask_dir=provided.mask_dir, device=device,
-                                    local_files_only=ctx.config.model.local_files_only)
+                                    local_files_only=local_only)
         fallback = build_extractor(settings.fallback, settings, mask_dir=provided.mask_dir,
-                                   device=device) if settings.fallback != "provided" else None
+                                   device=device, local_files_only=local_only
+                                   ) if settings.fallback != "provided" else None
         written = write_subject_masks(subject, mask_inputs(manifest, folder),
                                       scratch / "out", extractor, fallback=fallback,
-                                      cache=store_mask_cache(store))
+                                      cache=store_mask_cache(store),
+                                      min_coverage=settings.min_coverage)
         made_by = sorted({r["extractor"] for r in written.masks.values()})
         warnings = [w for r in written.masks.values() for w in r["warnings"]]
+        if written.fallbacks:
+            logger.warning("%s: %d of %d masks fell back (see the warnings in masks.json)",
+                           subject, written.fallbacks, len(written.masks))
         return Produced(scratch / "out", {"extractor": wanted, "extractors": made_by,
+                                          "fallbacks": written.fallbacks,
                                           "warnings": warnings})
 
     return run_stage(store, keys.masks_prefix(ctx.run_id, subject), digest, work,

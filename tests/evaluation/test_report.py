@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import typing
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from eqdiff.data.datasets import Layout
 from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
 from eqdiff.evaluation.report import (
+    DREAMBENCH_LAYOUT,
     SECTION_IDS,
     class_table,
     load_published,
@@ -170,7 +173,7 @@ def test_report_files_and_html_sections(tmp_path: Path) -> None:
     images, load = _image_loader(table)
     provenance = {"base model": "tiny-sd", "CLIP model": "tiny-clip", "seeds in scores": [0, 1]}
     written = write_report(table, tmp_path, failures=failures, provenance=provenance,
-                           load_image=load)
+                           load_image=load, dataset_layout=DREAMBENCH_LAYOUT)
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "results.parquet"), table,
                                   check_dtype=False)
@@ -184,6 +187,7 @@ def test_report_files_and_html_sections(tmp_path: Path) -> None:
     assert "not comparable" in parser.section("published").lower()
     assert "DreamBooth (SD)" in parser.section("published")
     assert "DreamBooth" not in parser.section("summary")  # others' numbers stay in their table
+    assert "Fewer than two methods" in parser.section("differences")  # one method only
     failures_text = parser.section("failures")
     assert "CUDA out of memory" in failures_text and "2 of 4 image(s)" in failures_text
     assert "—" in parser.section("subjects")
@@ -234,6 +238,22 @@ def test_published_numbers_ship_with_the_package() -> None:
     assert {"method", "dino", "clip_i", "clip_t", "source"} <= set(published.columns)
     assert "not comparable" in note.lower() and len(published) > 1
     assert published["clip_t"].isna().sum() == 1  # only the real-images row lacks CLIP-T
+
+
+def test_published_numbers_follow_only_a_dreambench_dataset(tmp_path: Path) -> None:
+    assert DREAMBENCH_LAYOUT in typing.get_args(Layout)  # the loader's name for that layout
+    for layout, shown in ((DREAMBENCH_LAYOUT, True), ("plain", False), ("", False)):
+        out = tmp_path / (layout or "unknown")
+        write_report(_hand_table(), out, dataset_layout=layout)
+        parser = _Sections()
+        parser.feed((out / "report.html").read_text("utf-8"))
+        text = parser.section("published")
+        summary = (out / "summary.md").read_text("utf-8")
+        assert ("DreamBooth (SD)" in text) is shown and ("DreamBooth (SD)" in summary) is shown
+        assert ("not shown" in text) is not shown and ("not shown" in summary) is not shown
+        if not shown:
+            assert "is not DreamBench" in text
+    assert "loaded with the plain layout" in (tmp_path / "plain" / "report.html").read_text()
 
 
 # --------------------------------------------------------------------------- store and CLI
@@ -293,6 +313,41 @@ def test_dataset_problems_are_in_the_failures_section_and_in_no_method_row(
     html = page.read_text()
     assert ">stray</td>" in html and "is not listed in subjects.csv" in html
     assert ">(dataset)</td>" in html
+
+
+@pytest.mark.parametrize(("layout", "shown"), [(DREAMBENCH_LAYOUT, True), ("plain", False),
+                                               (None, False)])
+def test_the_run_record_decides_whether_published_numbers_are_shown(
+        tmp_path: Path, layout: str | None, shown: bool) -> None:
+    _stored_run(tmp_path)
+    store = open_store(str(tmp_path))
+    record = store.get_json("runs/r1/run.json")
+    if layout is not None:
+        record["dataset_layout"] = layout
+    store.put_json("runs/r1/run.json", record)
+    parser = _Sections()
+    parser.feed(rebuild_report(store, "r1", tmp_path / "out").read_text("utf-8"))
+    assert ("DreamBooth (SD)" in parser.section("published")) is shown
+    assert ("is not DreamBench" in parser.section("published")) is not shown
+    assert (layout or "not recorded") in parser.section("provenance")
+
+
+def test_a_stored_report_is_current_until_its_scores_or_the_dataset_layout_change(
+        tmp_path: Path) -> None:
+    from eqdiff.evaluation.scores import current_report
+
+    _stored_run(tmp_path)
+    store = open_store(str(tmp_path))
+    assert current_report(store, "r1") is None  # never built
+    first = rebuild_report(store, "r1", tmp_path / "first")
+    assert "DreamBooth (SD)" not in first.read_text("utf-8")
+    assert current_report(store, "r1") == "runs/r1/report/report.html"
+    record = store.get_json("runs/r1/run.json")
+    store.put_json("runs/r1/run.json", {**record, "dataset_layout": DREAMBENCH_LAYOUT})
+    assert current_report(store, "r1") is None  # the published numbers must now be shown
+    page = rebuild_report(store, "r1", tmp_path / "second")
+    assert "DreamBooth (SD)" in page.read_text("utf-8")
+    assert current_report(store, "r1") == "runs/r1/report/report.html"
 
 
 def test_cli_rebuilds_the_report_from_stored_scores(tmp_path: Path) -> None:

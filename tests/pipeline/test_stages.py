@@ -201,6 +201,34 @@ def test_after_ingest_no_stage_opens_the_dataset_folder(tmp_path, tiny_zoo):
     assert not second.skipped and second.info["uploaded"] == 0
 
 
+def test_the_masks_stage_never_stores_an_empty_mask(tmp_path, tiny_zoo):
+    """A user mask that is empty is replaced by the fallback's (here the full mask): the stored
+    mask is not empty, the marker counts the fallback and its warning names the photo."""
+    from PIL import Image
+
+    from eqdiff.data.masks import decode_mask_png
+    from eqdiff.pipeline.store_io import subject_tensors
+
+    subject = demo_subject(tmp_path / "data")
+    emptied = subject.image_paths[1].stem
+    Image.new("L", (64, 64), 0).save(subject.mask_dir / f"{emptied}.png")
+    ctx = context(tmp_path / "store", tiny_zoo)
+    ctx = RunContext(ctx.run_id, with_overrides(ctx.config, {"masks.extractor": "provided",
+                                                             "masks.fallback": "full"}))
+    stages.ingest(ctx, subject, PROMPTS)
+    stages.preprocess(ctx, subject.name)
+    masks = stages.extract_masks(ctx, subject.name)
+    assert masks.info["extractors"] == ["full", "provided"] and masks.info["fallbacks"] == 1
+    assert masks.info["warnings"] == [f"{emptied}: provided mask is empty: used the full mask"]
+    store = ctx.store()
+    assert store.read_marker(masks.prefix).info["fallbacks"] == 1
+    for path in subject.image_paths:
+        mask, _ = decode_mask_png(store.get_bytes(keys.join_key(masks.prefix, f"{path.stem}.png")))
+        assert mask.any() and mask.all() == (path.stem == emptied), path.stem
+    _, tensors = subject_tensors(store, ctx.run_id, subject.name)
+    assert (tensors.flatten(1).amax(dim=1) > 0.5).all()
+
+
 def test_the_plan_finds_done_exactly_what_the_stages_would_skip(tmp_path, tiny_zoo, subject):
     """The plan computes each stage's digest from the dataset and settings alone: before a
     run every step is to run, after it every step is done, and a changed setting marks to run

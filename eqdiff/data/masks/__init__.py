@@ -3,8 +3,10 @@
 Extractors share one protocol, :class:`MaskExtractor`: ``extract(MaskInput) -> (H, W) bool``,
 raising :class:`MaskUnavailable` when they have nothing to say about an image (no alpha, no
 user mask, nothing detected) so :func:`extract_mask` can fall back — configured extractor, then
-the configured fallback, then the all-ones ``full`` mask. Every :class:`MaskResult` (and every
-saved mask PNG) records the extractor that made it.
+the configured fallback, then the all-ones ``full`` mask. A mask covering less than
+``masks.min_coverage`` of its image (an empty one always) falls back the same way, so no mask
+used for training is empty. Every :class:`MaskResult` (and every saved mask PNG) records the
+extractor that made it and why any extractor before it was passed over.
 
 - ``provided``: user masks in a folder, matched by image file stem; resized if their size
   differs, replayed through the image's :class:`~eqdiff.data.images.SquareFit`.
@@ -27,19 +29,17 @@ Modules:
   ``grabcut``.
 - :mod:`~eqdiff.data.masks.learned`: ``grounded-sam`` and ``clipseg``, loaded lazily.
 - :mod:`~eqdiff.data.masks.cache`: cache keys and :class:`MaskCache`.
-- :mod:`~eqdiff.data.masks.chain`: :func:`build_extractor`, the fallback chain, coverage
-  warnings, :func:`write_subject_masks`.
+- :mod:`~eqdiff.data.masks.chain`: :func:`build_extractor`, the fallback chain (unavailable and
+  near-empty masks), coverage warnings, :func:`write_subject_masks`.
 - :mod:`~eqdiff.data.masks.preview`: IoU, overlays and overlay grids.
 """
 
 from eqdiff.data.masks.cache import CachedMask, MaskCache
 from eqdiff.data.masks.chain import (
-    EMPTY_COVERAGE,
     FULL_COVERAGE,
     MaskResult,
     SubjectMasks,
     build_extractor,
-    coverage_warnings,
     extract_mask,
     mask_coverage,
     write_subject_masks,
@@ -69,7 +69,6 @@ from eqdiff.data.masks.preview import mask_iou, overlay, overlay_grid
 
 __all__ = [
     "LEARNED_EXTRACTORS",
-    "EMPTY_COVERAGE",
     "FULL_COVERAGE",
     "MASK_PNG_KEY",
     "AlphaMask",
@@ -87,7 +86,6 @@ __all__ = [
     "SubjectMasks",
     "binarise",
     "build_extractor",
-    "coverage_warnings",
     "decode_mask_png",
     "encode_mask_png",
     "extract_mask",

@@ -2,8 +2,9 @@
 
 An extractor's ``extract(MaskInput)`` returns an ``(H, W)`` bool mask at the image size, or
 raises :class:`MaskUnavailable` when it has nothing to say about the image, so that
-:func:`eqdiff.data.masks.chain.extract_mask` can fall back to the next one. The seeding of
-:class:`GrabCutMask` is described in the package docstring (:mod:`eqdiff.data.masks`).
+:func:`eqdiff.data.masks.chain.extract_mask` can fall back to the next one. It may return an
+empty mask: the chain falls back past any mask covering less than ``masks.min_coverage``. The
+seeding of :class:`GrabCutMask` is described in the package docstring (:mod:`eqdiff.data.masks`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 class MaskUnavailable(Exception):
     """This extractor has no mask for this image; the caller falls back to the next one.
 
-    A signal, not a failure: hence the name without an ``Error`` suffix.
+    A signal, not a failure: hence the name without an ``Error`` suffix. The message says why,
+    without the image's name: the fallback chain records it under that name.
     """
 
 
@@ -93,10 +95,10 @@ class AlphaMask:
 
     def extract(self, item: MaskInput) -> np.ndarray:
         if item.alpha is None:
-            raise MaskUnavailable(f"{item.name}: the image has no alpha channel")
+            raise MaskUnavailable("the image has no alpha channel")
         alpha = np.asarray(item.alpha.convert("L"))
         if alpha.min() == 255:
-            raise MaskUnavailable(f"{item.name}: the alpha channel is fully opaque")
+            raise MaskUnavailable("the alpha channel is fully opaque")
         return alpha >= self.threshold
 
 
@@ -127,7 +129,7 @@ class ProvidedMasks:
     def extract(self, item: MaskInput) -> np.ndarray:
         path = self.find(item.name)
         if path is None:
-            raise MaskUnavailable(f"{item.name}: no provided mask in {self.folder}")
+            raise MaskUnavailable(f"no provided mask in {self.folder}")
         with Image.open(path) as opened:
             mask = read_mask_image(opened)
         target = item.image.size
@@ -242,7 +244,7 @@ class GrabCutMask:
         rgb = np.ascontiguousarray(np.asarray(small))
         labels = self.seeds(rgb)
         if not (labels == cv2.GC_PR_BGD).any() and not (labels == cv2.GC_BGD).any():
-            raise MaskUnavailable(f"{item.name}: no background seeds for GrabCut")
+            raise MaskUnavailable("no background seeds for GrabCut")
         background_model = np.zeros((1, 65), np.float64)
         foreground_model = np.zeros((1, 65), np.float64)
         cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's RNG: same input, same mask

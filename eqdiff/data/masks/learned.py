@@ -91,7 +91,7 @@ class GroundedSamMask:
             outputs, inputs["input_ids"], threshold=self.box_threshold,
             text_threshold=self.text_threshold, target_sizes=[(height, width)])[0]
         if len(found["scores"]) == 0:
-            raise MaskUnavailable(f"{item.name}: Grounding DINO found no {item.class_noun!r}")
+            raise MaskUnavailable(f"Grounding DINO found no {item.class_noun!r}")
         best = int(found["scores"].argmax())
         x0, y0, x1, y1 = found["boxes"][best].tolist()
         return [max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)]

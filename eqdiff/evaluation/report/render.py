@@ -21,6 +21,12 @@ import pandas as pd
 from markupsafe import Markup
 
 from eqdiff.evaluation.metrics import REAL_IMAGES
+from eqdiff.evaluation.report.differences import (
+    BOOTSTRAP_SEED,
+    DIFFERENCE_SHOWN,
+    RESAMPLES,
+    shown_differences,
+)
 from eqdiff.evaluation.report.grids import ImageLoader, subject_grids
 from eqdiff.evaluation.report.tables import (
     CLASS_COLUMNS,
@@ -36,8 +42,8 @@ from eqdiff.evaluation.report.tables import (
     with_subject_counts,
 )
 
-SECTION_IDS = ("summary", "published", "methods", "fidelity-editability", "per-class",
-               "per-prompt", "subjects", "grids", "failures", "provenance")
+SECTION_IDS = ("summary", "published", "differences", "methods", "fidelity-editability",
+               "per-class", "per-prompt", "subjects", "grids", "failures", "provenance")
 NO_CLIP_T = "no prompt: real images have no CLIP-T"
 
 
@@ -118,27 +124,35 @@ def _provenance(provenance: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
 
 def render_html(*, title: str, methods: pd.DataFrame, subjects: pd.DataFrame,
                 prompts: pd.DataFrame, classes: pd.DataFrame, failures: pd.DataFrame,
-                published: pd.DataFrame, published_note: str, provenance: Mapping[str, Any],
-                plots: Mapping[str, str], grids: str) -> str:
+                differences: pd.DataFrame, published: pd.DataFrame | None,
+                published_note: str, provenance: Mapping[str, Any], plots: Mapping[str, str],
+                grids: str) -> str:
     """The self-contained HTML document (sections with the ids in :data:`SECTION_IDS`).
 
-    ``plots`` holds base64 PNGs under ``methods`` and ``fidelity_editability``; ``grids`` is
-    the HTML of :func:`grids_html`.
+    ``differences`` is :func:`~eqdiff.evaluation.report.differences.difference_table`;
+    ``published`` is ``None`` when the run's dataset gets no published numbers, and
+    ``published_note`` then says why. ``plots`` holds base64 PNGs under ``methods`` and
+    ``fidelity_editability``; ``grids`` is the HTML of :func:`grids_html`.
     """
     wide = class_wide_table(classes)
     tables = {
         "summary": html_table(with_subject_counts(methods), SUMMARY_COLUMNS, css="summary",
                               best=METRICS),
-        "published": html_table(published, PUBLISHED_COLUMNS, css="published"),
         "per_class": html_table(wide, {c: c for c in wide.columns}, css="per-class"),
         "per_prompt": html_table(prompts, PROMPT_COLUMNS, css="per-prompt"),
         "subjects": html_table(subjects, SUBJECT_COLUMNS, css="subjects",
                                reason_column="reason"),
         "failures": html_table(failures, {c: c for c in FAILURE_COLUMNS}, css="failures"),
     }
+    if len(differences):
+        tables["differences"] = html_table(shown_differences(differences), DIFFERENCE_SHOWN,
+                                           css="differences", reason_column="why")
+    if published is not None:
+        tables["published"] = html_table(published, PUBLISHED_COLUMNS, css="published")
     return _environment().get_template("report.html.j2").render(
         title=title, lede=_lede(methods), n_failures=len(failures), n_prompts=len(prompts),
-        tables=tables, published_note=published_note, plots=plots, grids=Markup(grids),
+        tables=tables, published_note=published_note, readings=list(differences["reading"]),
+        resamples=RESAMPLES, bootstrap_seed=BOOTSTRAP_SEED, plots=plots, grids=Markup(grids),
         provenance=_provenance(provenance))
 
 
@@ -149,14 +163,20 @@ def _markdown(frame: pd.DataFrame, columns: Mapping[str, str]) -> str:
 
 
 def render_markdown(*, title: str, methods: pd.DataFrame, classes: pd.DataFrame,
-                    failures: pd.DataFrame, published: pd.DataFrame, published_note: str,
+                    failures: pd.DataFrame, differences: pd.DataFrame,
+                    published: pd.DataFrame | None, published_note: str,
                     provenance: Mapping[str, Any]) -> str:
-    """``summary.md``: our table, the published one (labelled), per class, failures."""
+    """``summary.md``: our table, the differences between methods, the published one
+    (labelled) or why it is not shown, per class, failures."""
     lines = [f"# {title}", "", "## Results (this run)", "",
              _markdown(with_subject_counts(methods), SUMMARY_COLUMNS), "",
-             "## Published numbers (others' runs)", "", f"> {published_note}", "",
-             _markdown(published, PUBLISHED_COLUMNS), "", "## Per class", "",
-             _markdown(classes, CLASS_COLUMNS), "", "## Failures", ""]
+             "## Differences between methods", ""]
+    lines += ([f"- {r}" for r in differences["reading"]] if len(differences)
+              else ["Fewer than two methods: nothing to compare."])
+    lines += ["", "## Published numbers (others' runs)", "", f"> {published_note}", ""]
+    if published is not None:
+        lines += [_markdown(published, PUBLISHED_COLUMNS), ""]
+    lines += ["## Per class", "", _markdown(classes, CLASS_COLUMNS), "", "## Failures", ""]
     lines += ([_markdown(failures, {c: c for c in FAILURE_COLUMNS})] if len(failures)
               else ["None."])
     lines += ["", "## Provenance", ""]

@@ -9,7 +9,8 @@ reason``):
 - :func:`method_table` — per method, the mean over subjects, with how many subjects it covers;
 - :func:`prompt_table` and :func:`class_table` — the per-prompt and per-class breakdowns;
 - :func:`failure_table` — every (subject, method) left out of the means, with its reason;
-- :func:`load_published` — the published DreamBench numbers, shown apart from ours.
+- :func:`load_published` — the published DreamBench numbers, shown apart from ours;
+  :func:`published_for` — them, or why not, for a run's dataset (only DreamBench gets them).
 
 The ``*_COLUMNS`` mappings name the columns each displayed table shows and their labels.
 """
@@ -25,6 +26,7 @@ import pandas as pd
 from eqdiff.evaluation.metrics import REAL_IMAGES, SCORE_COLUMNS
 
 DATASET_ROW = "(dataset)"  # the "method" of a failures row about the dataset, not a training
+DREAMBENCH_LAYOUT = "dreambench"  # eqdiff.data.datasets.Dataset.layout of DreamBench's layout
 
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
@@ -203,3 +205,21 @@ def load_published() -> tuple[pd.DataFrame, str]:
                       .read_text("utf-8"))
     table = pd.DataFrame(data["rows"]).astype({m: "float64" for m in METRICS})
     return table, data["note"]
+
+
+def published_for(dataset_layout: str) -> tuple[pd.DataFrame | None, str]:
+    """The published DreamBench numbers and their note when the run's dataset is DreamBench;
+    otherwise ``None`` and a sentence saying why they are not shown.
+
+    The rule: the run record says the dataset was loaded with DreamBench's layout
+    (``dataset_layout`` is :data:`DREAMBENCH_LAYOUT`, i.e. it has DreamBench's
+    ``prompts_and_classes.txt`` index, see :func:`eqdiff.data.datasets.load_dataset`). Plain
+    datasets, the toy world among them, and run records that do not name the layout get none:
+    the published numbers would not be comparable with their scores.
+    """
+    if dataset_layout == DREAMBENCH_LAYOUT:
+        return load_published()
+    why = (f"it was loaded with the {dataset_layout} layout" if dataset_layout
+           else "the run record does not say it was loaded with DreamBench's layout")
+    return None, ("Published DreamBench numbers are not shown: this run's dataset is not "
+                  f"DreamBench ({why}), so they would not be comparable.")

@@ -20,6 +20,10 @@ class ConceptData:
 
     images: (N, 3, H, W) float in [-1, 1]; masks: (N, 1, H, W) in {0, 1} at pixel size;
     prior_images: (M, 3, H, W) class images in [-1, 1] (M may be 0).
+
+    No mask may be empty (no value above 0.5, where training binarises them): its image would
+    add nothing to the instance and RRA losses. The mask stage never writes one; an all-ones
+    mask trains on the whole image.
     """
 
     subject: str
@@ -35,6 +39,11 @@ class ConceptData:
         if self.masks.shape != (self.images.shape[0], 1, *self.images.shape[2:]):
             raise ValueError(f"{self.subject}: masks must be (N, 1, H, W) matching the images, "
                              f"got {tuple(self.masks.shape)} for {tuple(self.images.shape)}")
+        present = (self.masks.float() > 0.5).flatten(1).any(dim=1).tolist()
+        empty = [index for index, found in enumerate(present) if not found]
+        if empty:
+            raise ValueError(f"{self.subject}: the masks of images {empty} are empty (no value "
+                             "above 0.5); use an all-ones mask to train on a whole image")
         if self.prior_images.ndim != 4 or self.prior_images.shape[1:] != self.images.shape[1:]:
             raise ValueError(f"{self.subject}: prior images must be (M, 3, H, W) like the "
                              f"instance images, got {tuple(self.prior_images.shape)}")
