@@ -93,6 +93,21 @@ def test_serve_builds_the_declared_deployments(monkeypatch):
     assert nightly.parameters["params"]["run_id"] == "nightly-demo"
 
 
+def test_worker_runs_ship_the_stage_loggers_to_prefect() -> None:
+    """A process worker's flow run gets the environment that sends the stages' log lines to
+    their task runs, the same loggers as `eqdiff run` and served runs."""
+    import yaml
+
+    from flows.deploy import PREFECT_FILE
+    from tasks.logs import STAGE_LOGGERS
+
+    declared = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
+    for deployment in declared:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",") == list(STAGE_LOGGERS)
+        assert env["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] == "ignore"
+
+
 RUN_FILES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
 
 
