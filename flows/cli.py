@@ -395,7 +395,8 @@ def _cmd_concept_generate(args: argparse.Namespace) -> int:
                           resolution=args.resolution)
     generator = ConceptGenerator.from_pretrained(
         args.base_model, sample, device=device,
-        dtype=torch.bfloat16 if device == "cuda" else None)
+        dtype=torch.bfloat16 if device == "cuda" else None,
+        local_files_only=not args.allow_downloads)
     reference = None
     if args.reference:
         reference = pil_to_tensor(normalise_image(load_image(args.reference),
@@ -536,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--resolution", type=int, default=512)
     generate.add_argument("--out", default="generated")
+    generate.add_argument("--allow-downloads", action="store_true",
+                          help="fetch a base model missing from the local Hugging Face cache "
+                               "(safetensors only); off: local folders and the cache only")
     generate.set_defaults(handler=_cmd_concept_generate)
 
     toy = commands.add_parser(
