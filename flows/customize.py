@@ -124,11 +124,12 @@ class RunSetup:
 
 
 def prepare_run(params: CustomizeParams, workdir: Path = DEFAULT_WORKDIR) -> RunSetup:
-    """The pre-flight of a run: base model, dataset, subjects and store, each checked before
-    any work (an unusable one raises, with one line saying what to fix)."""
+    """The pre-flight of a run: dataset, subjects, base model and store, each checked before
+    any work, the quickest first (an unusable one raises, with one line saying what to fix)."""
+    dataset = resolve_dataset(params, workdir)
+    subjects = select_subjects(dataset, params.subjects)
     offline = resolve_models(params, workdir)
     base_model = offline.base if offline else params.base_model
-    dataset = resolve_dataset(params, workdir)
     eval_models = (EvalConfig(clip_model=offline.clip, clip_pretrained="",
                               dino_model=offline.dino) if offline else None)
     config = params.run_config(base_model=base_model, eval_models=eval_models,
@@ -137,7 +138,6 @@ def prepare_run(params: CustomizeParams, workdir: Path = DEFAULT_WORKDIR) -> Run
                      resolution=config.train.resolution)
     store = store_from_config(config.storage)
     store.check()
-    subjects = select_subjects(dataset, params.subjects)
     prompt_sets = {s.name: subject_prompt_set(dataset, s, params) for s in subjects}
     prompts = {s.name: evaluation_prompts(dataset, s, params, config) for s in subjects}
     return RunSetup(RunContext(params.derived_run_id(), config), params, dataset, subjects,
