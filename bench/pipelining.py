@@ -110,6 +110,7 @@ def main() -> int:
         store = Path(tempfile.mkdtemp(prefix=f"eqdiff-pipelining-{label}-"))
         wall, code_, started_at = run_demo(code, store, args.steps)
         entry = {"label": label, "commit": git_commit(code), "wall_s": round(wall, 1),
+                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
                  "exit_code": code_, "subjects_ready_s": marker_times(store, started_at)}
         ready = [t["scores"] for t in entry["subjects_ready_s"].values() if "scores" in t]
         entry["first_subject_ready_s"] = min(ready) if ready else None
