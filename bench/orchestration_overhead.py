@@ -86,7 +86,7 @@ def direct_stages(params: Any) -> dict[str, bool]:
     from eqdiff.method.sampling import ConceptGenerator
     from eqdiff.pipeline import stages
     from eqdiff.store import store_from_config
-    from flows.customize import (
+    from flows.preflight import (
         DEFAULT_WORKDIR,
         evaluation_prompts,
         resolve_dataset,
@@ -103,7 +103,7 @@ def direct_stages(params: Any) -> dict[str, bool]:
                                dino_model=models.dino))
     store_from_config(config.storage).check()
     ctx = stages.RunContext(params.derived_run_id(), config)
-    subjects, _ = select_subjects(dataset, params.subjects)
+    subjects = select_subjects(dataset, params.subjects)
     skipped: dict[str, bool] = {}
     for subject in subjects:
         stages.ingest(ctx, subject, subject_prompt_set(dataset, subject, params))

@@ -177,7 +177,7 @@ def _preflight(params):  # CustomizeParams -> RunSetup
     server or flow starts: a mistake costs seconds (the flow checks them again, for runs
     started from the UI)."""
     from eqdiff.store import StorageError
-    from flows.customize import prepare_run
+    from flows.preflight import prepare_run
 
     try:
         return prepare_run(params)
@@ -192,7 +192,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _show_plan(params, previous: dict | None = None) -> int:  # CustomizeParams
     """Print what a run of ``params`` would do, per (subject, method) and stage; nothing runs
     and no Prefect server or Ray instance is started."""
-    from flows.customize import previous_record
+    from flows.preflight import previous_record
 
     setup = _preflight(params)
     plan = setup.plan()

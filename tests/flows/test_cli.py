@@ -137,3 +137,19 @@ def test_plan_and_status_show_each_stage_of_each_unit(prefect_server, tmp_path, 
     monkeypatch.setattr(flows.customize, "compute_for", no_compute)
     assert main(["run", "--no-server", *run, "--set", "compute=ray"]) == 0
     assert main(["status", "nothing-here", "--store", store]) == EXIT_REFUSED
+
+
+def test_the_pre_flight_leaves_prefect_unimported() -> None:
+    """Prefect fixes its server address when first imported: a pre-flight that imported it
+    before `eqdiff run` starts or finds the server sent the flow to a temporary server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from flows.cli import _params, _preflight; "
+            "_preflight(_params({'dataset': 'demo', 'base_model': 'tiny'})); "
+            "print('prefect' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
