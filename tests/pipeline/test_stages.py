@@ -263,3 +263,21 @@ def test_the_plan_finds_done_exactly_what_the_stages_would_skip(tmp_path, tiny_z
         ("masks", subject.name), ("train", unit), ("generate", unit), ("score", unit)}
     assert changed.step("score", f"{subject.name}/{REAL_IMAGES}").done  # the photos stay
     assert changed.table()[0]["masks"] == TO_RUN
+
+
+def test_a_stored_concept_generates_from_the_command_line(tmp_path, tiny_zoo, subject):
+    """`eqdiff concept generate` on a concept a run stored: the base model from a local folder
+    (no download allowed by default), one image per prompt, named by prompt and k."""
+    from eqdiff.pipeline.store_io import download_prefix
+    from flows.cli import main
+
+    ctx = prepared(context(tmp_path / "store", tiny_zoo), subject)
+    stages.train(ctx, subject.name, subject.class_noun, ctx.config.method(METHOD),
+                 prior_prefix=None)
+    concept = download_prefix(ctx.store(), keys.concept_prefix(ctx.run_id, subject.name,
+                                                                METHOD), tmp_path / "concept")
+    out = tmp_path / "generated"
+    assert main(["concept", "generate", str(concept), "--base-model", str(tiny_zoo["base"]),
+                 "-p", "a {token} {class_noun} on the beach", "-p", "a {token} {class_noun}",
+                 "--images", "1", "--steps", "2", "--resolution", "64", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00_0.png", "01_0.png"]
