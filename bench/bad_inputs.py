@@ -39,11 +39,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from eqdiff.evaluation.scores import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "prefect", "ray", "diffusers", "transformers", "pydantic", "boto3",
@@ -399,16 +400,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
@@ -509,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             base_env["PREFECT_HOME"] = str(server_home)
         report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
                   "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "commit": _commit(), "versions": _versions(),
+                  "commit": _commit(), "versions": package_versions(PACKAGES),
                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                               "python": platform.python_version(), "euid": os.geteuid()},
                   "prefect": {"server": "one server for all cases",

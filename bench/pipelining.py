@@ -31,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from eqdiff.evaluation.scores import package_versions
 
 logger = logging.getLogger("bench.pipelining")
 
@@ -100,7 +101,7 @@ def main() -> int:
               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version()},
-              "packages": {name: metadata.version(name) for name in PACKAGES},
+              "packages": package_versions(PACKAGES),
               "run": f"eqdiff demo --steps {args.steps} (toy world, 4 subjects × eqdiff and "
                      "custom-diffusion, Ray on this machine), a fresh store per checkout",
               "runs": []}

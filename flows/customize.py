@@ -161,8 +161,6 @@ def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan | None) -> O
     finds nothing to run (no Ray is started for it)."""
     ctx, config = setup.ctx, setup.ctx.config
     run = Outcome()
-    if plan is not None:  # work to do: the stage tasks and the model code they import
-        from tasks import stages as stage_tasks
     for step in run_plan.steps.values():
         if step.done:  # the real photos' scores belong to the subject, not to a unit
             key = step.item.split("/")[0] if step.item.endswith(f"/{REAL_IMAGES}") else step.item
@@ -171,6 +169,8 @@ def run_steps(setup: RunSetup, run_plan: RunPlan, plan: ComputePlan | None) -> O
     for subject in setup.subjects:
         if run_plan.step("ingest", subject.name).done:
             continue
+        from tasks import stages as stage_tasks  # work to do: the tasks and their model code
+
         state = stage_tasks.ingest(ctx, subject, setup.prompt_sets[subject.name],
                                    return_state=True)
         result = state.result(raise_on_failure=False)

@@ -99,10 +99,11 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
     return scores, pd.DataFrame(failures, columns=list(FAILURE_COLUMNS))
 
 
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that change results, plus Python's."""
+def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``names`` (by default the packages that change results), plus
+    Python's."""
     versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
