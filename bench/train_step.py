@@ -153,7 +153,7 @@ class ReferenceLoop:
     def __init__(self, components: SDComponents, data: ConceptData, config: RunConfig,
                  method: MethodConfig, device: torch.device) -> None:
         c = self.components = components.freeze()
-        tcfg = config.train
+        tcfg = config.training(method)
         self.device = device
         self.amp_dtype = autocast_dtype(config, device)
         self.prior_weight = config.losses.prior_weight
@@ -165,7 +165,8 @@ class ReferenceLoop:
         self.bp = tcfg.prior_batch if method.prior_preservation else 0
         # token: one trainable vector injected where the placeholder id is
         self.token_id, initial = add_placeholder_token(
-            c.tokenizer, c.text_encoder, tcfg.placeholder_token, tcfg.initializer_token)
+            c.tokenizer, c.text_encoder, tcfg.placeholder_token,
+            tcfg.initializer_token.replace("{class_noun}", CLASS_NOUN))
         self.vector = nn.Parameter(initial.detach().float().to(device).reshape(1, -1))
         self._hook = c.text_encoder.get_input_embeddings().register_forward_hook(self._inject)
         # K/V: diffusers' Custom Diffusion processor on the cross-attention layers
@@ -332,7 +333,7 @@ def measure_ours(components: SDComponents, data: ConceptData, method: MethodConf
         result = time_steps(trainer.train_step, device, warmup, steps)
         result["warmup_and_timed_s"] = round(time.perf_counter() - t0, 2)
         result["trainable_params"] = sum(p.numel() for p in trainer.trainable_parameters())
-        result["batch"] = {"instance": config.train.instance_batch,
+        result["batch"] = {"instance": trainer.train.instance_batch,
                            "prior": trainer.prior_batch}
         result["cuda_graph"] = trainer.graph_captured
         result["losses"] = [round(h["loss"], 6) for h in trainer.loss_history]

@@ -157,9 +157,47 @@ class LossConfig:
                f"losses.xattn_resolution must be >= 1, got {self.xattn_resolution}")
 
 
+CLASS_WORD = "{class_noun}"  # an initializer that stands for the subject's class word
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """A method's own training recipe (docs/method.md §8): steps, batch, learning rate and its
+    scaling, initializer word. Each preset carries its published recipe; a run file or the UI
+    form changes it per method, and a ``train.*`` field set for the run (not null) applies to
+    every method over its recipe.
+
+    The learning rate is scaled like diffusers' ``--scale_lr`` when ``scale_learning_rate``:
+    × instance rows × accumulation steps, × 2 when the step has prior rows (Custom Diffusion's
+    script doubles it for prior preservation), e.g. 1e-5 × 2 × 1 × 2 = 4e-5.
+    """
+
+    steps: int = 600
+    instance_batch: int = 2
+    prior_batch: int = 2  # class-prior rows per step, with prior preservation
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-5
+    scale_learning_rate: bool = True
+    initializer: str = "ktn"  # the word the token starts from; "{class_noun}": the class word
+    hflip: bool = False  # instance images flipped left-right at random (p = 0.5 per row)
+    lora_rank: int = 4  # methods with a UNet LoRA
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "instance_batch", "gradient_accumulation", "lora_rank"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   f"recipe.{name} must be a positive integer, got {value!r}")
+        _check(isinstance(self.prior_batch, int) and self.prior_batch >= 0,
+               f"recipe.prior_batch must be an integer >= 0, got {self.prior_batch!r}")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+               f"recipe.learning_rate must be > 0, got {self.learning_rate!r}")
+        _check(bool(self.initializer.strip()), "recipe.initializer must not be empty")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which parts of EqDiff are on. Named presets are in :data:`METHOD_PRESETS`."""
+    """Which parts of EqDiff are on, and the method's training recipe. Named presets are in
+    :data:`METHOD_PRESETS`."""
 
     name: str = "eqdiff"
     fdte: bool = True  # two frequency embeddings (LF, HF) on band images; else one embedding
@@ -169,24 +207,45 @@ class MethodConfig:
     xattn_loss: bool = True
     rra_loss: bool = True
     prior_preservation: bool = True
+    train_token: bool = True  # learn the placeholder's vectors (off: it keeps its initial word)
+    unet_lora: bool = False  # LoRA on the UNet's attention projections (DreamBooth-LoRA)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
                f"method.name must be letters, digits, '-' or '_', got {self.name!r}")
         _check(not (self.rra_loss and not self.rra),
                f"method {self.name!r}: rra_loss needs rra=True")
+        _check(not (self.fdte and not self.train_token),
+               f"method {self.name!r}: fdte learns the token's band vectors; it needs "
+               "train_token=True")
+        _check(self.train_token or self.train_kv or self.rra or self.unet_lora,
+               f"method {self.name!r} trains nothing: turn on train_token, train_kv, rra or "
+               "unet_lora")
 
+
+_BASELINE = {"fdte": False, "mgdp": False, "rra": False, "xattn_loss": False, "rra_loss": False}
 
 METHOD_PRESETS: dict[str, MethodConfig] = {
+    # docs/method.md §7: the released settings (600 steps, 2 + 2, 1e-5 scaled to 4e-5, "ktn")
     "eqdiff": MethodConfig(name="eqdiff"),
     "eqdiff-no-fdte": MethodConfig(name="eqdiff-no-fdte", fdte=False),
     "eqdiff-no-mgdp": MethodConfig(name="eqdiff-no-mgdp", mgdp=False),
     "eqdiff-no-rra": MethodConfig(name="eqdiff-no-rra", rra=False, rra_loss=False),
-    "custom-diffusion": MethodConfig(name="custom-diffusion", fdte=False, mgdp=False, rra=False,
-                                     xattn_loss=False, rra_loss=False),
-    "textual-inversion": MethodConfig(name="textual-inversion", fdte=False, mgdp=False, rra=False,
-                                      train_kv=False, xattn_loss=False, rra_loss=False,
-                                      prior_preservation=False),
+    # docs/method.md §8: the baselines' published recipes (diffusers' example scripts)
+    "custom-diffusion": MethodConfig(
+        name="custom-diffusion", **_BASELINE,
+        recipe=RecipeConfig(steps=250, instance_batch=2, prior_batch=2, learning_rate=1e-5,
+                            hflip=True)),
+    "textual-inversion": MethodConfig(
+        name="textual-inversion", **_BASELINE, train_kv=False, prior_preservation=False,
+        recipe=RecipeConfig(steps=3000, instance_batch=1, prior_batch=0,
+                            gradient_accumulation=4, learning_rate=5e-4,
+                            initializer=CLASS_WORD)),
+    "dreambooth-lora": MethodConfig(
+        name="dreambooth-lora", **_BASELINE, train_kv=False, train_token=False, unet_lora=True,
+        recipe=RecipeConfig(steps=500, instance_batch=1, prior_batch=1, learning_rate=1e-4,
+                            scale_learning_rate=False, initializer="sks", lora_rank=4)),
 }
 
 
@@ -200,14 +259,22 @@ def method_preset(name: str) -> MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Customization training (docs/method.md §7)."""
+    """Customization training (docs/method.md §7).
 
-    steps: int = 600
-    instance_batch: int = 2
-    prior_batch: int = 2
+    The fields that default to ``None`` come from each method's recipe (:class:`RecipeConfig`);
+    set here, they apply to every method of the run. :meth:`RunConfig.training` gives the
+    settings one method trains with, every field filled in.
+    """
+
+    steps: int | None = None
+    instance_batch: int | None = None
+    prior_batch: int | None = None
+    gradient_accumulation: int | None = None
+    # the rate the optimizer uses, not scaled (a recipe's rate is scaled by its batch)
+    learning_rate: float | None = None
+    initializer_token: str | None = None  # "{class_noun}": the subject's class word
     num_prior_images: int = 200
     prior_seed: int = 0
-    learning_rate: float = 4e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
@@ -215,7 +282,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     resolution: int = 512
     placeholder_token: str = "<eqd>"
-    initializer_token: str = "ktn"
     seed: int = 0
     precision: Precision = _not_hashed("auto")
     # "auto": frozen modules (UNet, VAE, text transformer) held in bf16 when autocast is bf16
@@ -232,17 +298,21 @@ class TrainConfig:
     validation_every: int = _not_hashed(0)  # 0: no validation images
 
     def __post_init__(self) -> None:
-        for name in ("steps", "instance_batch", "num_prior_images", "resolution"):
+        for name in ("steps", "instance_batch", "gradient_accumulation", "num_prior_images",
+                     "resolution"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1,
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                     and value >= 1),
                    f"train.{name} must be a positive integer, got {value!r}")
         for name in ("prior_batch", "checkpoint_every", "validation_every", "seed", "prior_seed"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0,
+            _check(value is None or (isinstance(value, int) and value >= 0),
                    f"train.{name} must be an integer >= 0, got {value!r}")
         _check(self.resolution % 8 == 0,
                f"train.resolution must be a multiple of 8, got {self.resolution}")
-        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+        _check(self.learning_rate is None
+               or (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+                   and math.isfinite(self.learning_rate)),
                f"train.learning_rate must be > 0, got {self.learning_rate!r}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
@@ -257,7 +327,7 @@ class TrainConfig:
         _check(self.placeholder_token.strip() == self.placeholder_token
                and " " not in self.placeholder_token and self.placeholder_token,
                f"train.placeholder_token must be one word, got {self.placeholder_token!r}")
-        _check(bool(self.initializer_token.strip()),
+        _check(self.initializer_token is None or bool(str(self.initializer_token).strip()),
                "train.initializer_token must not be empty")
 
 
@@ -389,6 +459,31 @@ class RunConfig:
         names = [m.name for m in self.methods]
         _check(len(set(names)) == len(names), f"methods repeat a name: {names}")
 
+    def training(self, method: MethodConfig) -> TrainConfig:
+        """The training settings of ``method``: its recipe, under the ``train.*`` fields this
+        run sets for every method; every field filled in (the learning rate scaled)."""
+        train, recipe = self.train, method.recipe
+
+        def chosen(name: str, recipe_value: Any) -> Any:
+            value = getattr(train, name)
+            return recipe_value if value is None else value
+
+        prior_batch = chosen("prior_batch", recipe.prior_batch)
+        settings = dataclasses.replace(
+            train, steps=chosen("steps", recipe.steps),
+            instance_batch=chosen("instance_batch", recipe.instance_batch),
+            prior_batch=prior_batch if method.prior_preservation else 0,
+            gradient_accumulation=chosen("gradient_accumulation",
+                                         recipe.gradient_accumulation),
+            initializer_token=chosen("initializer_token", recipe.initializer))
+        if train.learning_rate is not None:
+            return dataclasses.replace(settings, learning_rate=float(train.learning_rate))
+        rate = recipe.learning_rate
+        if recipe.scale_learning_rate:
+            rate *= settings.instance_batch * settings.gradient_accumulation
+            rate *= 2 if settings.prior_batch else 1
+        return dataclasses.replace(settings, learning_rate=rate)
+
     def method(self, name: str) -> MethodConfig:
         for method in self.methods:
             if method.name == name:
@@ -423,7 +518,10 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         return value
     if origin in (typing.Union, types.UnionType):
-        return value
+        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if value is None or len(options) != 1:
+            return value
+        return _coerce(options[0], value, where)  # an optional field: X | None
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
@@ -434,9 +532,23 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
 
 
 def _method_from(value: Any, where: str) -> MethodConfig:
-    """Methods may be given by preset name or as a full mapping."""
+    """Methods may be given by preset name, as a full mapping, or as a mapping with a
+    ``preset`` key and the fields it changes (``{"preset": "textual-inversion", "recipe":
+    {"steps": 1000}}``; a changed preset keeps its name unless ``name`` is given)."""
     if isinstance(value, str):
         return method_preset(value)
+    if isinstance(value, dict) and "preset" in value:
+        changes = dict(value)
+        base = to_dict(method_preset(str(changes.pop("preset"))))
+        recipe = changes.pop("recipe", {})
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{where}.recipe must be a mapping, got {recipe!r}")
+        unknown = sorted(set(recipe) - set(base["recipe"]))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {[f'{where}.recipe.' + k for k in unknown]}"
+                             f"; known: {sorted(base['recipe'])}")
+        merged = {**base, **changes, "recipe": {**base["recipe"], **recipe}}
+        return _coerce(MethodConfig, merged, where)
     return _coerce(MethodConfig, value, where)
 
 

@@ -6,15 +6,19 @@ boundary, and turned into the frozen :class:`eqdiff.config.RunConfig` the stages
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eqdiff.config import (
     METHOD_PRESETS,
     EvalConfig,
+    MethodConfig,
     ModelConfig,
+    RecipeConfig,
     RunConfig,
     SampleConfig,
     StorageConfig,
@@ -26,6 +30,18 @@ from eqdiff.config import (
 
 MethodName = Literal[tuple(METHOD_PRESETS)]  # type: ignore[valid-type]
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _closest(name: str, known: object) -> str:
+    close = difflib.get_close_matches(name, list(known), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def method_with_recipe(name: str, changes: dict[str, object]) -> MethodConfig:
+    """The preset ``name`` with its recipe changed by ``changes`` (checked like any config)."""
+    preset = method_preset(name)
+    recipe = dataclasses.replace(preset.recipe, **changes) if changes else preset.recipe
+    return dataclasses.replace(preset, recipe=recipe)
 
 
 class CustomizeParams(BaseModel):
@@ -42,8 +58,16 @@ class CustomizeParams(BaseModel):
     methods: list[MethodName] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["eqdiff", "custom-diffusion"],
         description="EqDiff, its ablations and baselines, trained on identical data and seeds")
-    steps: int = Field(TrainConfig.steps, ge=1, le=100_000,
-                       description="Training steps per concept")
+    steps: int = Field(0, ge=0, le=100_000,
+                       description="Training steps per concept for every method without its "
+                                   "own in 'recipes' (0: each method's recipe: " + ", ".join(
+                                       f"{name} {preset.recipe.steps}"
+                                       for name, preset in METHOD_PRESETS.items()) + ")")
+    recipes: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description="Per-method training recipe changes, e.g. {'textual-inversion': {'steps': "
+                    "1000, 'learning_rate': 0.0005}}; keys: " + ", ".join(
+                        f.name for f in dataclasses.fields(RecipeConfig)))
     prompt_set: str = Field("", description="Evaluation prompt set (empty: DreamBench's object "
                                             "or live list per subject)")
     max_prompts: int = Field(0, ge=0, description="Use only the first N prompts (0: all)")
@@ -101,6 +125,30 @@ class CustomizeParams(BaseModel):
                 raise
         return value
 
+    @field_validator("recipes")
+    @classmethod
+    def _recipes(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        """Unknown methods and recipe keys are refused at submission, with the closest known."""
+        for name, changes in value.items():
+            if name not in METHOD_PRESETS:
+                raise ValueError(f"recipes: unknown method {name!r}"
+                                 f"{_closest(name, METHOD_PRESETS)}")
+            known = [f.name for f in dataclasses.fields(RecipeConfig)]
+            for key in changes:
+                if key not in known:
+                    raise ValueError(f"recipes.{name}: unknown recipe key {key!r}"
+                                     f"{_closest(key, known)}; known: {known}")
+            method_with_recipe(name, changes)  # values are checked here
+        return value
+
+    @model_validator(mode="after")
+    def _recipes_for_chosen_methods(self) -> CustomizeParams:
+        unused = sorted(set(self.recipes) - set(self.methods))
+        if unused:
+            raise ValueError(f"recipes given for methods this run does not train: {unused}; "
+                             f"its methods: {self.methods}")
+        return self
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
@@ -114,11 +162,15 @@ class CustomizeParams(BaseModel):
                    resolution: int | None = None) -> RunConfig:
         """The frozen run configuration (``base_model`` resolved by the flow)."""
         sized = {} if resolution is None else {"resolution": resolution}
-        train = TrainConfig(steps=self.steps, **sized)
+        train = TrainConfig(**sized)
         sample = SampleConfig(images_per_prompt=self.images_per_prompt, **sized)
+        methods = tuple(
+            method_with_recipe(m, {**({"steps": self.steps} if self.steps else {}),
+                                   **self.recipes.get(m, {})})
+            for m in self.methods)
         config = RunConfig(
             model=ModelConfig(base_model=base_model),
-            methods=tuple(method_preset(m) for m in self.methods), train=train, sample=sample,
+            methods=methods, train=train, sample=sample,
             eval=eval_models or EvalConfig(),
             storage=StorageConfig(url=self.storage_url, endpoint_url=self.s3_endpoint_url,
                                   shared=self.storage_shared))

@@ -15,7 +15,8 @@ def training_hash(config: RunConfig, method: MethodConfig) -> str:
     """Hash of everything that changes a trained concept (not storage, not sampling); the base
     model enters by identity too, so weights replaced at the same path retrain."""
     return config_hash(config.model, model_identity(config.model.base_model), method,
-                       config.train, config.frequency, config.masks, config.rra, config.losses)
+                       config.training(method), config.frequency, config.masks, config.rra,
+                       config.losses)
 
 
 def prior_hash(base_model: str, class_noun: str, *, count: int, seed: int,

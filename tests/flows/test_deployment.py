@@ -130,7 +130,10 @@ def test_example_run_files_are_valid_runs(path: Path) -> None:
 
     params = _params(load_run_file(path))
     config = params.run_config(base_model=params.base_model)
-    assert config.train.steps == params.steps and params.methods
+    for method in config.methods:
+        assert config.training(method).steps == (params.recipes.get(method.name, {}).get("steps")
+                                                 or params.steps or method.recipe.steps)
+    assert params.methods
 
 
 def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
@@ -140,7 +143,8 @@ def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
     path.write_text(_readme_run_file())
     params = _params(load_run_file(path))
     config = params.run_config(base_model=params.base_model)
-    assert len(config.methods) == 6 and config.train.learning_rate == 4.0e-5
+    eqdiff = config.method("eqdiff")
+    assert len(config.methods) == 6 and config.training(eqdiff).learning_rate == 4.0e-5
 
 
 def test_toy_deployments_train_with_the_toy_models_settings() -> None:

@@ -242,7 +242,7 @@ def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, 
         trainer.train_step()
         spy.remove()
         d, called, pred = draws[0].tensors, spy.inputs[0], spy.outputs[0]
-        bi = cfg.train.instance_batch
+        bi = trainer.train.instance_batch
         mean, std = _vae_distribution(trainer.components.vae, data.images)
         image = d["instance_indices"]
         assert len(set(image.tolist())) > 1  # rows of different photos: different masks
@@ -286,7 +286,7 @@ def test_prior_rows_are_unfiltered_unmasked_and_use_the_class_prompt(tiny_sd):
         trainer.train_step()
         spy.remove()
         d, called, pred = draws[0].tensors, spy.inputs[0], spy.outputs[0]
-        bi = cfg.train.instance_batch
+        bi = trainer.train.instance_batch
         assert Band.FULL not in draws[0].bands and trainer.prior_batch == 2
         mean, std = _vae_distribution(trainer.components.vae, data.prior_images)
         prior = d["prior_indices"]
@@ -323,7 +323,7 @@ def test_training_reference_is_the_drawn_photo_noised_at_t_minus_gap_with_the_ro
         main.remove()
         reference.remove()
         d = draws[0].tensors
-        bi = cfg.train.instance_batch
+        bi = trainer.train.instance_batch
         assert len(reference.inputs) == len(main.inputs) == 1
         t = main.inputs[0]["timestep"]
         assert torch.equal(t, d["timesteps"]) and bool((t >= cfg.rra.timestep_gap).any())

@@ -112,7 +112,7 @@ class CrossAttentionLossExtension:
         self.capture = CrossAttentionCapture(self.resolution if self.resolution in sides
                                              else None)
         ids = trainer.instance_ids
-        bi = trainer.config.train.instance_batch
+        bi = trainer.train.instance_batch
         self.token_rows = torch.zeros(bi + trainer.prior_batch, ids.shape[1], dtype=torch.bool,
                                       device=ids.device)
         self.token_rows[:bi] = ids.expand(bi, -1) == trainer.token_id

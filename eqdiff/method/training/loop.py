@@ -79,7 +79,7 @@ def train_concept(components: SDComponents, data: ConceptData, config: RunConfig
             "placeholder_token": config.train.placeholder_token,
             "training_hash": training_hash(config, method), "steps": trainer.step,
             "resumed_from_step": start, "seconds": round(time.perf_counter() - started, 3),
-            "device": str(trainer.device), "instance_images": trainer.instance_count,
+            "device": str(trainer.device), "instance_images": int(data.images.shape[0]),
         }
         return TrainedConcept(trainer.learned_tensors(), metadata, trainer.loss_history)
     finally:

@@ -19,13 +19,14 @@ encoder's blocks (and the extensions' networks: RRA's reference UNet) run as
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqdiff.config import MethodConfig, RunConfig
+from eqdiff.config import CLASS_WORD, MethodConfig, RunConfig
 from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
 from eqdiff.method.embeddings import (
     EmbeddingHandle,
@@ -53,6 +54,8 @@ from eqdiff.method.training.extensions import (
 from eqdiff.method.training.graphed import GraphedStep, cuda_graph_mode
 from eqdiff.method.training.precision import autocast_dtype, frozen_weight_dtype
 
+logger = logging.getLogger(__name__)
+
 INSTANCE_PROMPT = "photo of a {token} {class_noun}"
 CLASS_PROMPT = "{class_noun}"
 
@@ -74,7 +77,8 @@ class ConceptTrainer:
         self.components = components.freeze()
         self.config, self.method = config, method
         self.device = torch.device(device)
-        self.total_steps = config.train.steps
+        self.train = config.training(method)  # this method's recipe under the run's settings
+        self.total_steps = self.train.steps
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.amp_dtype = autocast_dtype(config, self.device)
@@ -85,7 +89,12 @@ class ConceptTrainer:
         self._handles: list[EmbeddingHandle] = []
         # the device half of a step reads these buffers (the same memory every step)
         self._inputs: dict[str, Tensor] = {}
-        self.graphed = GraphedStep(self.device, cuda_graph_mode(config, self.device))
+        graphs = cuda_graph_mode(config, self.device)
+        if graphs != "off" and self.train.gradient_accumulation > 1:
+            logger.info("%s accumulates %d micro-batches per step: its steps run without CUDA "
+                        "graphs", method.name, self.train.gradient_accumulation)
+            graphs = "off"
+        self.graphed = GraphedStep(self.device, graphs)
         self.compiled: CompiledRegions | None = None
         self._install(data)
         self._precompute(data)
@@ -99,7 +108,7 @@ class ConceptTrainer:
                 *(network for extension in self.extensions for network in extension.networks()))
         params = self.trainable_parameters()
         cuda = self.device.type == "cuda"
-        train_settings = config.train
+        train_settings = self.train
         self.optimizer = torch.optim.AdamW(
             params, lr=train_settings.learning_rate,
             betas=(train_settings.adam_beta1, train_settings.adam_beta2),
@@ -110,23 +119,25 @@ class ConceptTrainer:
     def _install(self, data: ConceptData) -> None:
         """The placeholder token and its learned vectors; the models on the device."""
         components = self.components
-        train_settings = self.config.train
+        train_settings = self.train
         self.token_id, initial = add_placeholder_token(
             components.tokenizer, components.text_encoder, train_settings.placeholder_token,
-            train_settings.initializer_token)
+            train_settings.initializer_token.replace(CLASS_WORD, data.class_noun))
         components.to(self.device)
         if self.frozen_dtype is not None:  # before any processor (trainable) is installed
             components.text_encoder.to(self.frozen_dtype)  # table rows keep their values
             components.unet.to(self.frozen_dtype)
         self.embeddings = PlaceholderEmbeddings(
             initial, frequency_decomposed=self.method.fdte).to(self.device)
+        self.embeddings.vectors.requires_grad_(self.method.train_token)
         self._handles.append(install_placeholder_embeddings(components.text_encoder,
                                                             self.token_id, self.embeddings))
         self.class_noun = data.class_noun
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The placeholder vectors, then each extension's parameters (in list order)."""
-        params = [self.embeddings.vectors]
+        """The placeholder vectors (when the method learns them), then each extension's
+        parameters (in list order)."""
+        params = [self.embeddings.vectors] if self.method.train_token else []
         for extension in self.extensions:
             params += extension.parameters()
         return params
@@ -150,6 +161,10 @@ class ConceptTrainer:
     def _precompute(self, data: ConceptData) -> None:
         components, frequency = self.components, self.config.frequency
         images = data.images.to(self.device, torch.float32)
+        pixel_masks = data.masks.to(self.device, torch.float32)
+        if self.method.recipe.hflip:  # each photo's mirror joins the photos (drawn alike)
+            images = torch.cat([images, images.flip(-1)])
+            pixel_masks = torch.cat([pixel_masks, pixel_masks.flip(-1)])
         self.instance_count = images.shape[0]
         versions = {Band.FULL: images}
         if self.method.fdte:  # band images are fixed per concept image: filter once
@@ -166,18 +181,16 @@ class ConceptTrainer:
                                       for b in self._band_slots])
         latent_side = self.instance_latents[Band.FULL][0].shape[-1]
         mask_settings = self.config.masks
-        pixel_masks = data.masks.to(self.device, torch.float32)
         self.pixel_masks = pixel_masks
         self.latent_masks = latent_masks(pixel_masks, latent_side,
                                          iterations=mask_settings.dilation_iterations,
                                          kernel=mask_settings.dilation_kernel)
-        use_prior = (self.method.prior_preservation and self.config.train.prior_batch > 0
-                     and data.prior_images.shape[0] > 0)
-        self.prior_batch = self.config.train.prior_batch if use_prior else 0
+        use_prior = self.train.prior_batch > 0 and data.prior_images.shape[0] > 0
+        self.prior_batch = self.train.prior_batch if use_prior else 0
         self.prior_latents = (self.encode_distribution(data.prior_images) if use_prior
                               else None)
         tokenizer = components.tokenizer
-        prompt = INSTANCE_PROMPT.format(token=self.config.train.placeholder_token,
+        prompt = INSTANCE_PROMPT.format(token=self.train.placeholder_token,
                                         class_noun=data.class_noun)
         self.instance_ids = tokenizer(prompt, padding="max_length", truncation=True,
                                       max_length=tokenizer.model_max_length,
@@ -207,7 +220,7 @@ class ConceptTrainer:
         timesteps; then each extension's own (stateless) draws, in list order.
         """
         generator = self.generator
-        bi, bp = self.config.train.instance_batch, self.prior_batch
+        bi, bp = self.train.instance_batch, self.prior_batch
         instance_indices = torch.randint(self.instance_count, (bi,), generator=generator)
         bands = (sample_bands(bi, self.config.frequency, generator) if self.method.fdte
                  else (Band.FULL,) * bi)
@@ -245,7 +258,7 @@ class ConceptTrainer:
     def _device_batch(self) -> StepBatch:
         """The step's latents, noising and masks, computed on the device from the buffers."""
         inputs = self._inputs
-        bi, bp = self.config.train.instance_batch, self.prior_batch
+        bi, bp = self.train.instance_batch, self.prior_batch
         indices, slots, eps = inputs["instance_indices"], inputs["band_slots"], inputs["latent_eps"]
         latents = self._band_means[slots, indices] + self._band_stds[slots, indices] * eps[:bi]
         if bp:
@@ -281,6 +294,13 @@ class ConceptTrainer:
         Reads only the step buffers and set-up tensors and never synchronises, so it can be
         captured as a CUDA graph. Returns the loss names and their (detached) values.
         """
+        losses = self._forward_backward(1.0)
+        self._update()
+        return losses
+
+    def _forward_backward(self, scale: float) -> tuple[tuple[str, ...], Tensor]:
+        """Forward and losses of the buffered micro-batch; its gradient, × ``scale``, is added
+        to the parameters' gradients."""
         components = self.components
         batch = self._device_batch()
         bi = batch.instance_count
@@ -306,13 +326,16 @@ class ConceptTrainer:
         for extension in self.extensions:
             parts.update(extension.loss_terms(batch))
         losses = total_loss(parts, self.config.losses)
-        losses.total.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.train.grad_clip)
+        (losses.total * scale if scale != 1.0 else losses.total).backward()
+        return losses.stacked()
+
+    def _update(self) -> None:
+        """Clip the summed gradients, step the optimizer, clear the gradients."""
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for extension in self.extensions:
             extension.after_step()
-        return losses.stacked()
 
     @property
     def graph_captured(self) -> bool:
@@ -320,13 +343,30 @@ class ConceptTrainer:
         return self.graphed.captured
 
     def train_step(self) -> StepResult:
-        draws = self.draw()
-        self._upload(draws)
-        with compiled_calls(self.compiled, "train.compile"):
-            names, values = self.graphed.run(self._device_step, self.optimizer)
+        """One optimizer step: ``train.gradient_accumulation`` micro-batches, each drawn and
+        run in turn (their gradients summed, each × 1/accumulation), then one update. The
+        logged losses are the micro-batches' mean."""
+        accumulation = self.train.gradient_accumulation
+        if accumulation == 1:
+            draws = self.draw()
+            self._upload(draws)
+            with compiled_calls(self.compiled, "train.compile"):
+                names, values = self.graphed.run(self._device_step, self.optimizer)
+            bands = draws.bands
+        else:
+            micro_values, bands = [], ()
+            with compiled_calls(self.compiled, "train.compile"):
+                for _ in range(accumulation):
+                    draws = self.draw()
+                    self._upload(draws)
+                    names, micro = self._forward_backward(1.0 / accumulation)
+                    micro_values.append(micro)
+                    bands += draws.bands
+                self._update()
+            values = torch.stack(micro_values).mean(dim=0)
         self.step += 1
         self._pending_losses.append((names, values))
-        return StepResult(self.step, self.total_steps, names, values, draws.bands)
+        return StepResult(self.step, self.total_steps, names, values, bands)
 
     @property
     def loss_history(self) -> list[dict[str, float]]:
