@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eqdiff.evaluation.scores import package_versions
+from eqdiff.evaluation.scores import package_versions, source_commit
 
 logger = logging.getLogger("bench.pipelining")
 
@@ -70,14 +70,6 @@ def marker_times(store: Path, started_at: float) -> dict[str, dict[str, float]]:
     return dict(sorted(times.items()))
 
 
-def git_commit(code: Path) -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code, capture_output=True,
-                          text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=code,
-                           capture_output=True, text=True).stdout.strip()
-    return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-
-
 def ensure_prefect(code: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(code)}
     subprocess.run([sys.executable, "-m", "flows.cli", "server", "start"], cwd=code, env=env,
@@ -110,7 +102,7 @@ def main() -> int:
     for label, code in checkouts:
         store = Path(tempfile.mkdtemp(prefix=f"eqdiff-pipelining-{label}-"))
         wall, code_, started_at = run_demo(code, store, args.steps)
-        entry = {"label": label, "commit": git_commit(code), "wall_s": round(wall, 1),
+        entry = {"label": label, "commit": source_commit(code), "wall_s": round(wall, 1),
                  "load_average_after": [round(x, 2) for x in os.getloadavg()],
                  "exit_code": code_, "subjects_ready_s": marker_times(store, started_at)}
         ready = [t["scores"] for t in entry["subjects_ready_s"].values() if "scores" in t]

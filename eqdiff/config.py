@@ -28,6 +28,7 @@ ReferenceChoice = Literal["other", "same"]
 MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "clipseg", "full"]
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
 RRABlock = Literal["down", "mid", "up"]
+MGDPParts = Literal["noising-and-loss", "loss-only", "noising-only"]
 
 T = TypeVar("T")
 
@@ -202,6 +203,10 @@ class MethodConfig:
     name: str = "eqdiff"
     fdte: bool = True  # two frequency embeddings (LF, HF) on band images; else one embedding
     mgdp: bool = True  # mask-guided noising and loss
+    # which halves of MGDP are on: the paper's both; "loss-only" noises the whole latent as
+    # plain diffusion does and learns only inside the mask; "noising-only" keeps the clean
+    # background but takes the loss everywhere (docs/method.md §4)
+    mgdp_parts: MGDPParts = "noising-and-loss"
     rra: bool = True  # residual reference attention
     train_kv: bool = True  # Custom-Diffusion K/V copies in cross-attention
     xattn_loss: bool = True
@@ -216,12 +221,23 @@ class MethodConfig:
                f"method.name must be letters, digits, '-' or '_', got {self.name!r}")
         _check(not (self.rra_loss and not self.rra),
                f"method {self.name!r}: rra_loss needs rra=True")
+        _check_literal(f"method {self.name!r}: mgdp_parts", self.mgdp_parts, MGDPParts)
         _check(not (self.fdte and not self.train_token),
                f"method {self.name!r}: fdte learns the token's band vectors; it needs "
                "train_token=True")
         _check(self.train_token or self.train_kv or self.rra or self.unet_lora,
                f"method {self.name!r} trains nothing: turn on train_token, train_kv, rra or "
                "unet_lora")
+
+
+def masked_noising_on(method: MethodConfig) -> bool:
+    """Whether ``method`` keeps the background clean while noising the subject (MGDP)."""
+    return method.mgdp and method.mgdp_parts != "loss-only"
+
+
+def masked_loss_on(method: MethodConfig) -> bool:
+    """Whether ``method`` takes the instance loss inside the subject mask only (MGDP)."""
+    return method.mgdp and method.mgdp_parts != "noising-only"
 
 
 _BASELINE = {"fdte": False, "mgdp": False, "rra": False, "xattn_loss": False, "rra_loss": False}
@@ -273,6 +289,10 @@ class TrainConfig:
     # the rate the optimizer uses, not scaled (a recipe's rate is scaled by its batch)
     learning_rate: float | None = None
     initializer_token: str | None = None  # "{class_noun}": the subject's class word
+    # every recipe's steps and learning rate × these (a smaller model than SD-1.5, a shorter
+    # benchmark), so the methods keep their recipes' ratios; a rate or count set above is kept
+    steps_scale: float = 1.0
+    learning_rate_scale: float = 1.0
     num_prior_images: int = 200
     prior_seed: int = 0
     adam_beta1: float = 0.9
@@ -317,6 +337,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"train.{name} must be in [0, 1), got {value!r}")
+        for name in ("steps_scale", "learning_rate_scale"):
+            value = getattr(self, name)
+            _check(value > 0 and math.isfinite(value), f"train.{name} must be > 0, got {value!r}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.adam_epsilon > 0, f"train.adam_epsilon must be > 0, got {self.adam_epsilon}")
         _check(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
@@ -470,7 +493,7 @@ class RunConfig:
 
         prior_batch = chosen("prior_batch", recipe.prior_batch)
         settings = dataclasses.replace(
-            train, steps=chosen("steps", recipe.steps),
+            train, steps=chosen("steps", max(1, round(recipe.steps * train.steps_scale))),
             instance_batch=chosen("instance_batch", recipe.instance_batch),
             prior_batch=prior_batch if method.prior_preservation else 0,
             gradient_accumulation=chosen("gradient_accumulation",
@@ -478,7 +501,7 @@ class RunConfig:
             initializer_token=chosen("initializer_token", recipe.initializer))
         if train.learning_rate is not None:
             return dataclasses.replace(settings, learning_rate=float(train.learning_rate))
-        rate = recipe.learning_rate
+        rate = recipe.learning_rate * train.learning_rate_scale
         if recipe.scale_learning_rate:
             rate *= settings.instance_batch * settings.gradient_accumulation
             rate *= 2 if settings.prior_batch else 1
@@ -531,7 +554,7 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _method_from(value: Any, where: str) -> MethodConfig:
+def method_from(value: Any, where: str = "method") -> MethodConfig:
     """Methods may be given by preset name, as a full mapping, or as a mapping with a
     ``preset`` key and the fields it changes (``{"preset": "textual-inversion", "recipe":
     {"steps": 1000}}``; a changed preset keeps its name unless ``name`` is given)."""
@@ -567,7 +590,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
         if cls is RunConfig and name == "methods":
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ValueError(f"methods must be a list, got {value!r}")
-            kwargs[name] = tuple(_method_from(v, f"methods[{i}]") for i, v in enumerate(value))
+            kwargs[name] = tuple(method_from(v, f"methods[{i}]") for i, v in enumerate(value))
         else:
             kwargs[name] = _coerce(hints[name], value, sub)
     return cls(**kwargs)

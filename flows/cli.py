@@ -7,8 +7,10 @@ commands start flows; commands that need no Prefect import none.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -50,6 +52,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         else:
             values[name] = yaml.safe_load(raw)
     return values
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    """An argparse type: a YAML mapping given on the command line."""
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r}")
+    return data
 
 
 def merge_run_data(file_data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -323,10 +335,15 @@ def _cmd_toyworld_benchmark(args: argparse.Namespace) -> int:
 
     defaults = ToyBenchmarkParams()
     params = ToyBenchmarkParams(seeds=args.seeds, methods=args.methods or defaults.methods,
-                                steps=args.steps, images_per_prompt=args.images,
+                                variants=args.variants, steps=args.steps,
+                                steps_scale=args.steps_scale, images_per_prompt=args.images,
                                 storage_url=args.store,
                                 compute="ray" if args.ray else "local", out=args.out)
     result = toy_benchmark(params)
+    record_file = Path(args.out) / "benchmark.json"  # the command beside what it produced
+    record = json.loads(record_file.read_text("utf-8"))
+    record["command"] = " ".join(["eqdiff", *(shlex.quote(a) for a in sys.argv[1:])])
+    record_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     sys.stdout.write(Path(result["summary"]).read_text("utf-8"))
     return 0
 
@@ -572,10 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="EqDiff, its ablations and the baselines on the toy world, per seed",
         description="Runs the customize-dataset flow once per seed on the toyworld dataset "
                     "and summarises scores by method and by what the prompt changes.")
-    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     bench.add_argument("--methods", nargs="+", default=None)
-    bench.add_argument("--steps", type=int, default=300)
-    bench.add_argument("--images", type=int, default=4, help="images per prompt")
+    bench.add_argument("--variants", type=_yaml_mapping, default={},
+                       help="further methods as YAML, e.g. '{eqdiff-mgdp-loss-only: {preset: "
+                            "eqdiff, mgdp_parts: loss-only}}'")
+    bench.add_argument("--steps-scale", type=float, default=0.25,
+                       help="every method's recipe steps × this")
+    bench.add_argument("--steps", type=int, default=0,
+                       help="training steps of every method (0: recipes × --steps-scale)")
+    bench.add_argument("--images", type=int, default=2, help="images per prompt")
     bench.add_argument("--store", default="./artifacts")
     bench.add_argument("--out", default="artifacts/toy-benchmark")
     bench.add_argument("--ray", action="store_true", help="run tasks on Ray (default: local)")

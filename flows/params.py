@@ -24,6 +24,7 @@ from eqdiff.config import (
     StorageConfig,
     TrainConfig,
     config_hash,
+    method_from,
     method_preset,
     with_overrides,
 )
@@ -63,6 +64,11 @@ class CustomizeParams(BaseModel):
                                    "own in 'recipes' (0: each method's recipe: " + ", ".join(
                                        f"{name} {preset.recipe.steps}"
                                        for name, preset in METHOD_PRESETS.items()) + ")")
+    variants: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description="Further methods trained beside 'methods': a name → a preset and the "
+                    "fields it changes, e.g. {'eqdiff-mgdp-loss-only': {'preset': 'eqdiff', "
+                    "'mgdp_parts': 'loss-only'}}")
     recipes: dict[str, dict[str, object]] = Field(
         default_factory=dict,
         description="Per-method training recipe changes, e.g. {'textual-inversion': {'steps': "
@@ -125,6 +131,20 @@ class CustomizeParams(BaseModel):
                 raise
         return value
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+        """Each variant is a preset with some fields changed, checked like a run file's."""
+        for name, spec in value.items():
+            if name in METHOD_PRESETS:
+                raise ValueError(f"variants: {name!r} is a preset's name; name the variant "
+                                 "after what it changes")
+            if not isinstance(spec, dict) or "preset" not in spec:
+                raise ValueError(f"variants.{name} must name its 'preset', e.g. {{'preset': "
+                                 f"'eqdiff', 'mgdp_parts': 'loss-only'}}")
+            method_from({**spec, "name": name}, f"variants.{name}")
+        return value
+
     @field_validator("recipes")
     @classmethod
     def _recipes(cls, value: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
@@ -164,10 +184,12 @@ class CustomizeParams(BaseModel):
         sized = {} if resolution is None else {"resolution": resolution}
         train = TrainConfig(**sized)
         sample = SampleConfig(images_per_prompt=self.images_per_prompt, **sized)
-        methods = tuple(
-            method_with_recipe(m, {**({"steps": self.steps} if self.steps else {}),
-                                   **self.recipes.get(m, {})})
-            for m in self.methods)
+        steps = {"steps": self.steps} if self.steps else {}
+        methods = tuple(method_with_recipe(m, {**steps, **self.recipes.get(m, {})})
+                        for m in self.methods)
+        methods += tuple(method_from({**spec, "name": name, "recipe": {
+            **steps, **dict(spec.get("recipe") or {})}}, f"variants.{name}")
+            for name, spec in self.variants.items())
         config = RunConfig(
             model=ModelConfig(base_model=base_model),
             methods=methods, train=train, sample=sample,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import platform
+import subprocess
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -97,6 +98,22 @@ def load_run_scores(store: ArtifactStore, run_id: str, run: Mapping[str, Any] | 
     logger.info("%s: run %s: %d score row(s) from %d table(s), %d failure(s)", store.url,
                 run_id, len(scores), len(tables), len(failures))
     return scores, pd.DataFrame(failures, columns=list(FAILURE_COLUMNS))
+
+
+def source_commit(folder: str | Path) -> str:
+    """The git commit of the code in ``folder`` ("… (with uncommitted changes)" when tracked
+    files differ from it; "unknown" outside a git checkout)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "HEAD")
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str]:

@@ -16,6 +16,7 @@ step's draws and the method description, not from the trainer's own set-up tenso
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -228,14 +229,20 @@ def test_a_step_of_one_band_trains_only_that_bands_vector(tiny_sd, band):
 # --------------------------------------------------------------------------- MGDP
 
 
-@pytest.mark.parametrize("method_name", ["eqdiff", "eqdiff-no-mgdp"])
-def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, method_name):
+@pytest.mark.parametrize(("method_name", "parts"), [
+    ("eqdiff", "noising-and-loss"), ("eqdiff-no-mgdp", "noising-and-loss"),
+    ("eqdiff", "loss-only"), ("eqdiff", "noising-only")])
+def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, method_name,
+                                                                      parts):
     """MGDP: inside the row's own (dilated) subject mask the latent is noised and the loss is
     taken; the background stays the clean latent and is not in the loss. Without MGDP the
-    whole latent is noised and the loss is the plain MSE (docs/method.md §4)."""
+    whole latent is noised and the loss is the plain MSE (docs/method.md §4). Its halves
+    (``mgdp_parts``) each turn on alone."""
     cfg = _config(frequency=ONLY_FULL)
     data = _data()
-    trainer = _trainer(tiny_sd, method_name, cfg, data)
+    method = dataclasses.replace(method_preset(method_name), mgdp_parts=parts)
+    trainer = ConceptTrainer(load_sd_components(tiny_sd, local_files_only=True), data, cfg,
+                             method, extensions=training_extensions(cfg.rra, method))
     try:
         draws = _record_draws(trainer)
         spy = UNetSpy(trainer.components.unet)
@@ -260,12 +267,11 @@ def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, 
         plain = error.mean()
         assert not torch.isclose(masked, plain, rtol=1e-3)
         logged = trainer.loss_history[0]["loss/inst"]
-        if method_preset(method_name).mgdp:
-            assert torch.allclose(seen[background], z0[background], atol=ATOL, rtol=0)
-            assert logged == pytest.approx(masked.item(), rel=1e-5)
-        else:
-            assert torch.allclose(seen[background], noisy[background], atol=ATOL, rtol=0)
-            assert logged == pytest.approx(plain.item(), rel=1e-5)
+        masked_noising = method.mgdp and parts != "loss-only"
+        masked_loss = method.mgdp and parts != "noising-only"
+        background_seen = z0 if masked_noising else noisy
+        assert torch.allclose(seen[background], background_seen[background], atol=ATOL, rtol=0)
+        assert logged == pytest.approx((masked if masked_loss else plain).item(), rel=1e-5)
     finally:
         trainer.remove()
 

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eqdiff.config import CLASS_WORD, MethodConfig, RunConfig
+from eqdiff.config import (
+    CLASS_WORD,
+    MethodConfig,
+    RunConfig,
+    masked_loss_on,
+    masked_noising_on,
+)
 from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
 from eqdiff.method.embeddings import (
     EmbeddingHandle,
@@ -268,7 +274,7 @@ class ConceptTrainer:
         noise, timesteps = inputs["noise"], inputs["timesteps"]
         scheduler = self.components.noise_scheduler
         masks = self.latent_masks[indices]
-        if self.method.mgdp:
+        if masked_noising_on(self.method):
             noisy_inst = masked_noising(latents[:bi], noise[:bi], timesteps[:bi], masks,
                                         scheduler)
         else:
@@ -317,7 +323,7 @@ class ConceptTrainer:
                 extension.before_unet(batch)
             pred = components.unet(batch.noisy_latents, batch.timesteps, states).sample.float()
         target = self._targets(batch).float()
-        if self.method.mgdp:
+        if masked_loss_on(self.method):
             parts = {"inst": masked_diffusion_loss(pred[:bi], target[:bi], batch.latent_masks)}
         else:
             parts = {"inst": F.mse_loss(pred[:bi], target[:bi])}
