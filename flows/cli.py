@@ -395,15 +395,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- concepts
 
+def _load_concept(path: str):  # Concept
+    """The concept folder (or its .safetensors file) named on the command line; a concept
+    that is missing or malformed stops the command with one line."""
+    from eqdiff.method.concept import ConceptError, load_concept
+
+    try:
+        return load_concept(path)
+    except ConceptError as error:
+        raise RunRefused(str(error)) from error
+
+
 def _cmd_concept_generate(args: argparse.Namespace) -> int:
     import torch
 
     from eqdiff.config import SampleConfig
     from eqdiff.data.images import load_image, normalise_image, pil_to_tensor
-    from eqdiff.method.concept import load_concept
     from eqdiff.method.sampling import ConceptGenerator, plan_requests
 
-    concept = load_concept(args.concept)
+    concept = _load_concept(args.concept)
     token, class_noun = concept.placeholder_token, concept.record.get("class_noun", "")
     prompts = [p.replace("{token}", token).replace("{class_noun}", class_noun)
                for p in args.prompt]
@@ -424,6 +434,24 @@ def _cmd_concept_generate(args: argparse.Namespace) -> int:
     for image in generator.generate(concept, requests, reference_image=reference):
         path = image.save(out / f"{image.record['prompt_index']:02d}_{image.record['k']}.png")
         logger.info("%s: %s", path, image.record["prompt"])
+    return 0
+
+
+def _cmd_concept_export(args: argparse.Namespace) -> int:
+    from eqdiff.method.concept import ConceptError
+    from eqdiff.method.export import EXPORT_README_FILE, EXPORT_RECORD_FILE, export_concept
+
+    concept = _load_concept(args.concept)
+    try:
+        result = export_concept(concept, args.out, overwrite=args.overwrite)
+    except ConceptError as error:
+        raise RunRefused(str(error)) from error
+    for part in result.parts:
+        logger.info("wrote %s: %s", result.folder / part.file, part.holds)
+    logger.info("wrote %s and %s: base model, token, files and the diffusers code that loads "
+                "them", result.folder / EXPORT_README_FILE, result.folder / EXPORT_RECORD_FILE)
+    for line in result.left_out:
+        logger.warning("%s", line)
     return 0
 
 
@@ -558,6 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fetch a base model missing from the local Hugging Face cache "
                                "(safetensors only); off: local folders and the cache only")
     generate.set_defaults(handler=_cmd_concept_generate)
+    export = concept_commands.add_parser(
+        "export", help="write a saved concept in diffusers' own formats (no eqdiff needed)",
+        description="Writes the token as a textual-inversion embedding and the K/V weights as "
+                    "Custom Diffusion attention processors, with README.md and export.json "
+                    "holding the plain-diffusers code that loads them. Residual reference "
+                    "attention has no diffusers equivalent and is left out (said so).")
+    export.add_argument("concept", help="concept folder (concept.safetensors + concept.json), "
+                                        "e.g. artifacts/runs/RUN/concepts/SUBJECT/METHOD")
+    export.add_argument("--out", required=True, help="folder to write (empty or new)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder, replacing files of the same names")
+    export.set_defaults(handler=_cmd_concept_export)
 
     toy = commands.add_parser(
         "toyworld", help="the toy world: train its base model and evaluators, its benchmark")
