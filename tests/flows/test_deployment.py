@@ -46,7 +46,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, tmp_pa
                                               {"directory": str(PROJECT_ROOT)}}]
             assert deployment.parameters["params"]["base_model"] == "toy"
             benchmark = client.read_deployment_by_name(names[1])
-            assert benchmark.parameters["params"]["seeds"] == [0, 1, 2]
+            assert benchmark.parameters["params"]["seeds"] == [0, 1, 2, 3, 4]
             run = client.create_flow_run_from_deployment(deployment.id,
                                                          parameters={"params": params})
             deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -144,7 +144,9 @@ def test_the_readme_run_file_is_a_valid_run(tmp_path: Path) -> None:
     params = _params(load_run_file(path))
     config = params.run_config(base_model=params.base_model)
     eqdiff = config.method("eqdiff")
-    assert len(config.methods) == 6 and config.training(eqdiff).learning_rate == 4.0e-5
+    assert len(config.methods) == 7 and config.training(eqdiff).learning_rate == 4.0e-5
+    assert config.training(config.method("textual-inversion")).steps == 1000
+    assert config.method("eqdiff-mgdp-loss-only").mgdp_parts == "loss-only"
 
 
 def test_toy_deployments_train_with_the_toy_models_settings() -> None:
