@@ -52,7 +52,7 @@ class ToyBenchmarkParams(BaseModel):
                                           "it changes (as in the dataset run's form)")
     steps_scale: float = Field(0.25, gt=0, le=4,
                                description="Every method's recipe steps × this (the methods "
-                                           "keep their recipes' ratios)")
+                                           "keep their recipes' ratios); not with 'steps'")
     steps: int = Field(0, ge=0, description="Training steps of every method (0: the recipes "
                                             "× steps_scale)")
     images_per_prompt: int = Field(2, ge=1)
@@ -62,9 +62,9 @@ class ToyBenchmarkParams(BaseModel):
     overrides: dict[str, object] = Field(default_factory=dict)
 
     def run_params(self, seed: int) -> CustomizeParams:
+        scale = {} if self.steps else {"train.steps_scale": self.steps_scale}
         overrides = {**fixture_run_overrides("toy"), "train.seed": seed, "sample.seed": seed,
-                     "masks.extractor": "provided", "train.steps_scale": self.steps_scale,
-                     **self.overrides}
+                     "masks.extractor": "provided", **scale, **self.overrides}
         return CustomizeParams(dataset="toyworld", base_model="toy", methods=self.methods,
                                variants=self.variants, steps=self.steps,
                                images_per_prompt=self.images_per_prompt,
