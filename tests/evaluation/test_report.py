@@ -313,6 +313,10 @@ def test_dataset_problems_are_in_the_failures_section_and_in_no_method_row(
     html = page.read_text()
     assert ">stray</td>" in html and "is not listed in subjects.csv" in html
     assert ">(dataset)</td>" in html
+    # a dataset problem is no failed (subject, method) pair: the header says which is which
+    assert "Every (subject, method) pair was scored." in html
+    assert "pair(s) have no or incomplete" not in html
+    assert "<b>1 dataset problem(s)</b>" in html
 
 
 @pytest.mark.parametrize(("layout", "shown"), [(DREAMBENCH_LAYOUT, True), ("plain", False),

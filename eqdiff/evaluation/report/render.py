@@ -30,6 +30,7 @@ from eqdiff.evaluation.report.differences import (
 from eqdiff.evaluation.report.grids import ImageLoader, subject_grids
 from eqdiff.evaluation.report.tables import (
     CLASS_COLUMNS,
+    DATASET_ROW,
     FAILURE_COLUMNS,
     METRICS,
     MISSING,
@@ -150,7 +151,10 @@ def render_html(*, title: str, methods: pd.DataFrame, subjects: pd.DataFrame,
     if published is not None:
         tables["published"] = html_table(published, PUBLISHED_COLUMNS, css="published")
     return _environment().get_template("report.html.j2").render(
-        title=title, lede=_lede(methods), n_failures=len(failures), n_prompts=len(prompts),
+        title=title, lede=_lede(methods),
+        n_failures=int((failures["method"] != DATASET_ROW).sum()),
+        n_dataset_problems=int((failures["method"] == DATASET_ROW).sum()),
+        n_prompts=len(prompts),
         tables=tables, published_note=published_note, readings=list(differences["reading"]),
         resamples=RESAMPLES, bootstrap_seed=BOOTSTRAP_SEED, plots=plots, grids=Markup(grids),
         provenance=_provenance(provenance))
