@@ -29,6 +29,12 @@ MaskExtractorName = Literal["grabcut", "provided", "alpha", "grounded-sam", "cli
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler-ancestral", "dpm-solver++", "unipc"]
 RRABlock = Literal["down", "mid", "up"]
 MGDPParts = Literal["noising-and-loss", "loss-only", "noising-only"]
+InstanceLoss = Literal["eqdiff", "mse"]
+BandInit = Literal["each-full", "half"]
+ReferencePrompt = Literal["initial-row", "learned"]
+GateGradient = Literal["inside", "straight-through"]
+RRALossForm = Literal["released", "per-layer"]
+InstanceNormalisation = Literal["released", "per-element"]
 
 T = TypeVar("T")
 
@@ -73,6 +79,10 @@ class FrequencyConfig:
     p_full: float = 0.8
     grayscale_bands: bool = True
     band_output: BandOutput = "real"
+    # where S_LF and S_HF start: each at the initializer's embedding e (the released code; the
+    # full-band token S_LF + S_HF then starts at 2e), or each at e / 2 (it starts at e, like a
+    # single-vector method's token) (docs/method.md §3)
+    band_init: BandInit = "each-full"
 
     def __post_init__(self) -> None:
         _check_fraction("frequency.low_cutoff", self.low_cutoff)
@@ -82,6 +92,7 @@ class FrequencyConfig:
                f"low_cutoff ({self.low_cutoff})")
         _check_literal("frequency.filter_shape", self.filter_shape, FilterShape)
         _check_literal("frequency.band_output", self.band_output, BandOutput)
+        _check_literal("frequency.band_init", self.band_init, BandInit)
         _check(self.butterworth_order >= 1,
                f"frequency.butterworth_order must be >= 1, got {self.butterworth_order}")
         for name in ("p_low", "p_high", "p_full"):
@@ -128,6 +139,13 @@ class RRAConfig:
     timestep_gap: int = 2
     reference: ReferenceChoice = "other"  # training reference: another photo, or the same one
     inference_caption: str = "a {class_noun}"
+    # what the reference UNet is conditioned on in training: the instance prompt with the
+    # placeholder's initial table row (released), or each row's prompt states with the learned
+    # vectors injected, detached (docs/method.md §5)
+    reference_prompt: ReferencePrompt = "initial-row"
+    # the gradient of the clamped gate m: 1 on [0, 1] and 0 outside ("inside"), or 1 everywhere
+    # ("straight-through"; the forward pass clamps either way) (docs/method.md §5)
+    gate_gradient: GateGradient = "straight-through"
 
     def __post_init__(self) -> None:
         _check(len(self.blocks) > 0, "rra.blocks must name at least one of down/mid/up")
@@ -137,6 +155,8 @@ class RRAConfig:
         _check(self.timestep_gap >= 0, f"rra.timestep_gap must be >= 0, got {self.timestep_gap}")
         _check_literal("rra.reference", self.reference, ReferenceChoice)
         _check(bool(self.inference_caption.strip()), "rra.inference_caption must not be empty")
+        _check_literal("rra.reference_prompt", self.reference_prompt, ReferencePrompt)
+        _check_literal("rra.gate_gradient", self.gate_gradient, GateGradient)
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,12 @@ class LossConfig:
     xattn_weight: float = 0.1
     rra_weight: float = 0.1
     xattn_resolution: int = 16
+    # the RRA loss: heads and 16x16 up-block layers pooled first, mean over every query
+    # ("released"), or per head and layer, over in-mask queries ("per-layer") (docs/method.md §6)
+    rra_loss_form: RRALossForm = "released"
+    # a masked instance loss divided by the mask area ("released": C times the per-element
+    # mean of C latent channels) or by the masked element count ("per-element") (§4)
+    instance_normalisation: InstanceNormalisation = "released"
 
     def __post_init__(self) -> None:
         for name in ("prior_weight", "xattn_weight", "rra_weight"):
@@ -156,6 +182,9 @@ class LossConfig:
                    f"losses.{name} must be a finite number >= 0, got {value!r}")
         _check(self.xattn_resolution >= 1,
                f"losses.xattn_resolution must be >= 1, got {self.xattn_resolution}")
+        _check_literal("losses.rra_loss_form", self.rra_loss_form, RRALossForm)
+        _check_literal("losses.instance_normalisation", self.instance_normalisation,
+                       InstanceNormalisation)
 
 
 CLASS_WORD = "{class_noun}"  # an initializer that stands for the subject's class word
@@ -207,6 +236,9 @@ class MethodConfig:
     # plain diffusion does and learns only inside the mask; "noising-only" keeps the clean
     # background but takes the loss everywhere (docs/method.md §4)
     mgdp_parts: MGDPParts = "noising-and-loss"
+    # "eqdiff": the instance loss normalised as losses.instance_normalisation says (masked
+    # under MGDP); "mse": the plain mean squared error of the baselines' own scripts
+    instance_loss: InstanceLoss = "eqdiff"
     rra: bool = True  # residual reference attention
     train_kv: bool = True  # Custom-Diffusion K/V copies in cross-attention
     xattn_loss: bool = True
@@ -222,6 +254,9 @@ class MethodConfig:
         _check(not (self.rra_loss and not self.rra),
                f"method {self.name!r}: rra_loss needs rra=True")
         _check_literal(f"method {self.name!r}: mgdp_parts", self.mgdp_parts, MGDPParts)
+        _check_literal(f"method {self.name!r}: instance_loss", self.instance_loss, InstanceLoss)
+        _check(not (self.mgdp and self.instance_loss == "mse"),
+               f"method {self.name!r}: MGDP's masked loss needs instance_loss='eqdiff'")
         _check(not (self.fdte and not self.train_token),
                f"method {self.name!r}: fdte learns the token's band vectors; it needs "
                "train_token=True")
@@ -240,7 +275,8 @@ def masked_loss_on(method: MethodConfig) -> bool:
     return method.mgdp and method.mgdp_parts != "noising-only"
 
 
-_BASELINE = {"fdte": False, "mgdp": False, "rra": False, "xattn_loss": False, "rra_loss": False}
+_BASELINE = {"fdte": False, "mgdp": False, "rra": False, "xattn_loss": False, "rra_loss": False,
+             "instance_loss": "mse"}
 
 METHOD_PRESETS: dict[str, MethodConfig] = {
     # docs/method.md §7: the released settings (600 steps, 2 + 2, 1e-5 scaled to 4e-5, "ktn")

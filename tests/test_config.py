@@ -49,6 +49,11 @@ from eqdiff.config import (
         (lambda: RRAConfig(blocks=()), "at least one"),
         (lambda: RRAConfig(timestep_gap=-1), "timestep_gap"),
         (lambda: LossConfig(xattn_weight=-1.0), "xattn_weight"),
+        (lambda: LossConfig(rra_loss_form="per-head"), "rra_loss_form"),
+        (lambda: LossConfig(instance_normalisation="per-pixel"), "instance_normalisation"),
+        (lambda: RRAConfig(reference_prompt="class"), "reference_prompt"),
+        (lambda: RRAConfig(gate_gradient="everywhere"), "gate_gradient"),
+        (lambda: FrequencyConfig(band_init="quarter"), "band_init"),
         (lambda: MethodConfig(name="x", rra=False, rra_loss=True), "rra_loss needs rra"),
         (lambda: MethodConfig(name="../evil"), "method.name"),
         (lambda: StorageConfig(url="ftp://host/x"), "scheme"),
@@ -119,6 +124,11 @@ def test_hash_is_stable_and_tracks_result_changing_fields():
     assert len(config_hash(base)) == 16
     assert config_hash(with_overrides(base, {"train.steps": 601})) != config_hash(base)
     assert config_hash(with_overrides(base, {"frequency.low_cutoff": 0.2})) != config_hash(base)
+    for override in ({"losses.rra_loss_form": "per-layer"},
+                     {"losses.instance_normalisation": "per-element"},
+                     {"rra.reference_prompt": "learned"}, {"rra.gate_gradient": "inside"},
+                     {"frequency.band_init": "half"}):  # the released-code switches
+        assert config_hash(with_overrides(base, override)) != config_hash(base), override
 
 
 def test_hash_ignores_speed_and_bookkeeping_fields():

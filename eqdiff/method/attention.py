@@ -25,6 +25,26 @@ from torch import nn
 
 KV_PREFIX = "eqdiff_kv."
 
+KeyValue = tuple[nn.Linear, nn.Linear]
+"""A layer's ``(to_k, to_v)`` projections."""
+
+
+def float32_projections(unet: UNet2DConditionModel) -> dict[str, KeyValue]:
+    """Float32 copies of every attention layer's K/V projections, by processor name.
+
+    Taken before a trainer casts its frozen weights (bf16 on CUDA), so that the trainable
+    copies made from them (:func:`trainable_copy`: Custom Diffusion's K/V, RRA's W'_k and
+    W'_v) start from the pretrained weights as loaded, not from their rounding
+    (docs/method.md §3, §5). On the UNet's device.
+    """
+    return {name: (copy.deepcopy(module.to_k).float(), copy.deepcopy(module.to_v).float())
+            for name, module in attention_modules(unet).items()}
+
+
+def trainable_copy(projection: nn.Linear) -> nn.Linear:
+    """A float32 copy of ``projection`` that requires a gradient (the original is untouched)."""
+    return copy.deepcopy(projection).float().requires_grad_(True)
+
 
 class CrossAttentionCapture:
     """Collects the placeholder token's cross-attention maps during one UNet forward.
@@ -90,12 +110,13 @@ class CustomKVProcessor(nn.Module):
     """
 
     def __init__(self, attn: Attention, *, train_kv: bool,
-                 capture: CrossAttentionCapture | None) -> None:
+                 capture: CrossAttentionCapture | None, pretrained: KeyValue | None = None
+                 ) -> None:
         super().__init__()
         self.train_kv = train_kv
-        if train_kv:
-            self.to_k = copy.deepcopy(attn.to_k).float().requires_grad_(True)
-            self.to_v = copy.deepcopy(attn.to_v).float().requires_grad_(True)
+        if train_kv:  # copied from ``pretrained`` (float32 as loaded) when given
+            to_k, to_v = pretrained or (attn.to_k, attn.to_v)
+            self.to_k, self.to_v = trainable_copy(to_k), trainable_copy(to_v)
         self.capture = capture
 
     def forward(self, attn: Attention, hidden_states: torch.Tensor,
@@ -212,12 +233,16 @@ def install_processors(unet: UNet2DConditionModel, names: Iterable[str],
 
 
 def install_custom_kv(unet: UNet2DConditionModel, *, train_kv: bool,
-                      capture: CrossAttentionCapture | None = None) -> ProcessorHandle:
-    """Install :class:`CustomKVProcessor` on every cross-attention layer of this UNet."""
+                      capture: CrossAttentionCapture | None = None,
+                      pretrained: Mapping[str, KeyValue] | None = None) -> ProcessorHandle:
+    """Install :class:`CustomKVProcessor` on every cross-attention layer of this UNet; the
+    K/V copies start from ``pretrained`` (:func:`float32_projections`) when given, else from
+    the layers' own weights."""
     return install_processors(
         unet, cross_attention_names(unet),
-        lambda _name, module, _current: CustomKVProcessor(module, train_kv=train_kv,
-                                                          capture=capture))
+        lambda name, module, _current: CustomKVProcessor(
+            module, train_kv=train_kv, capture=capture,
+            pretrained=None if pretrained is None else pretrained[name]))
 
 
 def kv_learned_tensors(handle: ProcessorHandle) -> dict[str, torch.Tensor]:

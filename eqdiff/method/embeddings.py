@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from eqdiff.config import BandInit
+
 logger = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "eqdiff_token."
@@ -27,14 +29,22 @@ BAND_MIX = {"low": (1.0, 0.0), "high": (0.0, 1.0), "full": (1.0, 1.0)}
 class PlaceholderEmbeddings(nn.Module):
     """Learned vectors for one placeholder token.
 
-    ``vectors`` is (V, D) float32: V = 2 (rows S_LF, S_HF) with FDTE, V = 1 without.
+    ``vectors`` is (V, D) float32: V = 2 (rows S_LF, S_HF) with FDTE, V = 1 without. The
+    single vector starts at the initializer's embedding ``e``; S_LF and S_HF start each at
+    ``e`` (``band_init="each-full"``, released: the full-band token starts at 2e) or each at
+    ``e / 2`` (``"half"``: it starts at e) (docs/method.md §3).
     """
 
-    def __init__(self, initial: torch.Tensor, *, frequency_decomposed: bool) -> None:
+    def __init__(self, initial: torch.Tensor, *, frequency_decomposed: bool,
+                 band_init: BandInit = "each-full") -> None:
         super().__init__()
         count = 2 if frequency_decomposed else 1
-        self.vectors = nn.Parameter(initial.detach().float().reshape(1, -1).repeat(count, 1))
+        start = initial.detach().float().reshape(1, -1)
+        if frequency_decomposed and band_init == "half":
+            start = start / 2
+        self.vectors = nn.Parameter(start.repeat(count, 1))
         self._mix: torch.Tensor | None = None
+        self.injecting = True  # off within :meth:`table_row`
         # mixes by band tuple, made once on the vectors' device (no host copy per step)
         self._mix_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -82,6 +92,16 @@ class PlaceholderEmbeddings(nn.Module):
             yield
         finally:
             self._mix = previous
+
+    @contextmanager
+    def table_row(self) -> Iterator[None]:
+        """Within the block no learned vector is injected: the placeholder keeps its own table
+        row, the initializer's embedding (RRA's released reference prompt, §5)."""
+        previous, self.injecting = self.injecting, False
+        try:
+            yield
+        finally:
+            self.injecting = previous
 
     def vectors_for_batch(self, batch_size: int) -> torch.Tensor:
         """(B, D) vectors for the current mix (inference vector when no mix is set)."""
@@ -141,6 +161,8 @@ def install_placeholder_embeddings(text_encoder: CLIPTextModel, token_id: int,
     module = text_encoder.get_input_embeddings()
 
     def replace_placeholder(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not embeddings.injecting:
+            return output
         input_ids = args[0]
         where = input_ids == token_id  # (B, L); rows without the token keep ``output``
         vectors = embeddings.vectors_for_batch(input_ids.shape[0]).to(output.dtype)  # (B, D)

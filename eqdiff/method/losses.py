@@ -10,6 +10,7 @@ masks are handled arithmetically instead of by checks that would stall the train
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eqdiff.config import LossConfig
+from eqdiff.config import InstanceNormalisation, LossConfig
 
 LOSS_TERMS: tuple[str, ...] = ("inst", "prior", "xattn", "rra")
 """Names of the loss parts :func:`total_loss` accepts; ``"inst"`` is required."""
@@ -110,14 +111,22 @@ def masked_noising(latents: Tensor, noise: Tensor, timesteps: Tensor, mask: Tens
     return torch.where(weight == 0, latents, blended)
 
 
-def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Squared error inside the mask, normalised per masked element (docs/method.md §4).
+def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor | None, *,
+                          normalisation: InstanceNormalisation = "per-element") -> Tensor:
+    """Squared error inside the mask, normalised per sample (docs/method.md §4).
 
-    For each sample ``b``: ``L_b = sum(M * (pred - target) ** 2) / (C * sum(M))`` — the mask
-    area times the channel count, i.e. the mean squared error over masked elements (for a
-    ``(B, C, h, w)`` mask the denominator is ``sum(M)`` itself). The loss is the mean of
-    ``L_b`` over the samples whose mask is not empty, so each instance image weighs the same
-    whatever its mask size, and an all-ones mask gives plain MSE.
+    For each sample ``b`` of ``C`` channels, with ``A_b`` the mask's area (``sum(M)`` of a
+    1-channel mask, the pixels it covers)::
+
+        "per-element": L_b = sum(M * (pred - target) ** 2) / (C * A_b)
+        "released":    L_b = sum(M * (pred - target) ** 2) / A_b        (C times the above)
+
+    "per-element" is the mean squared error over the masked elements; "released" divides by
+    the area alone, as the released code does, so it is ``C`` times larger (4 for SD latents)
+    and the instance loss weighs that much more against the prior and auxiliary losses. The
+    loss is the mean of ``L_b`` over the samples whose mask is not empty, so each instance
+    image weighs the same whatever its mask size. ``mask=None`` is the whole latent (MGDP
+    off): "per-element" is then the plain MSE, "released" ``C`` times it.
 
     A sample with an all-zero mask contributes nothing (neither to the sum nor to the count);
     if every mask is empty the loss is exactly 0 (still differentiable, zero gradient), never
@@ -131,18 +140,27 @@ def masked_diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     Args:
         pred: ``(B, C, h, w)`` model output, any float dtype.
         target: same shape (the noise ``eps`` for ε-prediction).
-        mask: ``(B, 1, h, w)`` or ``(B, C, h, w)`` in [0, 1] or bool.
+        mask: ``(B, 1, h, w)`` or ``(B, C, h, w)`` in [0, 1] or bool; None: no mask.
+        normalisation: ``LossConfig.instance_normalisation``.
 
     Returns:
         A 0-d float32 tensor.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    _check_mask_for(mask, pred, "pred")
+    if normalisation not in typing.get_args(InstanceNormalisation):
+        raise ValueError(f"normalisation must be one of {typing.get_args(InstanceNormalisation)}"
+                         f", got {normalisation!r}")
     squared_error = (pred.float() - target.float()).square()
-    weight = mask.to(device=pred.device, dtype=torch.float32).expand_as(squared_error)
+    if mask is None:
+        weight = torch.ones_like(squared_error)
+    else:
+        _check_mask_for(mask, pred, "pred")
+        weight = mask.to(device=pred.device, dtype=torch.float32).expand_as(squared_error)
     dims = (1, 2, 3)
     area = weight.sum(dim=dims)  # masked elements per sample: C * sum(M) for a 1-channel mask
+    if normalisation == "released":
+        area = area / pred.shape[1]  # the mask's area alone
     # Where the area is 0 the numerator is 0 as well, so the clamp only avoids 0 / 0.
     per_sample = (squared_error * weight).sum(dim=dims) / area.clamp_min(
         torch.finfo(torch.float32).tiny)
@@ -210,7 +228,8 @@ def _binary_grid(masks: Tensor, batch: int, side: int, name: str, device: torch.
 
 def rra_attention_loss(attention_probs: Tensor, target_mask: Tensor,
                        reference_mask: Tensor) -> Tensor:
-    """Reference-attention mass of in-mask queries on reference-mask keys should be 1 (§6).
+    """The per-layer form of the RRA loss (docs/method.md §6): the reference-attention mass
+    of in-mask queries on reference-mask keys should be 1, per head.
 
     For sample ``b``, head ``h`` and query ``q`` inside the target mask, the mass is
     ``m = sum over keys k in the reference mask of P[b, h, q, k]`` and the sample's loss is the
@@ -249,6 +268,39 @@ def rra_attention_loss(attention_probs: Tensor, target_mask: Tensor,
     per_sample = squared_error.sum(dim=(1, 2)) / (heads * query_count).clamp_min(1)
     per_sample = torch.where(usable, per_sample, torch.zeros_like(per_sample))
     return per_sample.sum() / usable.sum().clamp_min(1)
+
+
+def pooled_rra_attention_loss(attention_map: Tensor, target_mask: Tensor,
+                              reference_mask: Tensor) -> Tensor:
+    """The released form of the RRA loss (docs/method.md §6), on a pooled attention map.
+
+    ``attention_map`` is the RRA attention already averaged over heads and layers. For sample
+    ``b`` and query pixel ``p``, ``s(p)`` is the attention mass on the keys inside the
+    reference mask, and the loss is ``MSE(s * M, M)`` with ``M`` the target mask on the query
+    grid, the mean taken over every query pixel of every sample: queries outside the target
+    mask add a zero error. Masks are resized to their grids with nearest-exact interpolation
+    and thresholded at 0.5, as in :func:`rra_attention_loss`. No sample is skipped: one whose
+    reference mask is empty has ``s = 0`` and is penalised on its whole target mask.
+
+    Args:
+        attention_map: ``(B, Nq, Nk)`` probabilities (rows sum to 1), any float dtype.
+        target_mask: ``(B, H, W)`` or ``(B, 1, H, W)`` mask of the noised (target) image.
+        reference_mask: ``(B, H', W')`` or ``(B, 1, H', W')`` mask of the reference image.
+
+    Returns:
+        A 0-d float32 tensor.
+    """
+    if attention_map.ndim != 3:
+        raise ValueError("attention_map must be (B, Nq, Nk), got shape "
+                         f"{tuple(attention_map.shape)}")
+    batch, num_queries, num_keys = attention_map.shape
+    device = attention_map.device
+    queries = _binary_grid(target_mask, batch, _square_side(num_queries, "queries"),
+                           "target_mask", device)
+    keys = _binary_grid(reference_mask, batch, _square_side(num_keys, "keys"),
+                        "reference_mask", device)
+    mass = torch.matmul(attention_map.float(), keys[:, :, None])[..., 0]  # (B, Nq)
+    return F.mse_loss(mass * queries, queries)
 
 
 @dataclass(frozen=True)

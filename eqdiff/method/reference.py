@@ -35,10 +35,15 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from eqdiff.config import MethodConfig, RRABlock, RRAConfig
-from eqdiff.method.attention import ProcessorHandle, install_processors
+from eqdiff.config import GateGradient, MethodConfig, RRABlock, RRAConfig, RRALossForm
+from eqdiff.method.attention import (
+    KeyValue,
+    ProcessorHandle,
+    install_processors,
+    trainable_copy,
+)
 from eqdiff.method.frequency import Band
-from eqdiff.method.losses import rra_attention_loss
+from eqdiff.method.losses import pooled_rra_attention_loss, rra_attention_loss
 
 if TYPE_CHECKING:
     from eqdiff.method.training import ConceptData, ConceptTrainer, StepBatch
@@ -50,9 +55,10 @@ BLOCK_PREFIXES: dict[str, str] = {"down": "down_blocks.", "mid": "mid_block.",
                                   "up": "up_blocks."}
 SELF_ATTENTION_SUFFIX = "attn1.processor"
 REFERENCE_ROWS = f"{RRA_PREFIX}reference_rows"  # the step draw: each row's reference photo
-# The RRA loss reads the reference attention of layers whose query grid side is at most this
-# (SD-1.x at 512 px: the mid block, 8×8, and up_blocks.1, 16×16 — four layers, cheap to hold
-# as explicit probabilities; 32×32 and 64×64 maps would cost up to GBs per step).
+# The RRA loss reads the reference attention of the up-block layers whose query grid side is
+# this ("released" form; SD-1.x at 512 px: up_blocks.1, three layers), or of every layer whose
+# side is at most this ("per-layer": the 8×8 mid block too) — cheap to hold as explicit
+# probabilities; 32×32 and 64×64 maps would cost up to GBs per step.
 DEFAULT_LOSS_RESOLUTION = 16
 # SDPA backends for the RRA branch: not cuDNN's, whose backward failed on these layers on an
 # H100 (torch 2.11: "mha_graph.execute ... is_good()" under CUDA_LAUNCH_BLOCKING, an illegal
@@ -125,12 +131,13 @@ class ReferenceBank:
 class ReferenceAttentionCapture:
     """RRA attention probabilities of one main-UNet forward, for the RRA loss (§6).
 
-    Layers whose query grid side is at most ``max_side`` record explicit probabilities while
-    the capture is active (between :meth:`begin` and :meth:`clear`); the others keep SDPA.
+    Layers given this capture whose query grid side is in [``min_side``, ``max_side``] record
+    explicit probabilities while the capture is active (between :meth:`begin` and
+    :meth:`clear`); the others keep SDPA.
     """
 
-    def __init__(self, max_side: int = DEFAULT_LOSS_RESOLUTION) -> None:
-        self.max_side = max_side
+    def __init__(self, max_side: int = DEFAULT_LOSS_RESOLUTION, min_side: int = 1) -> None:
+        self.max_side, self.min_side = max_side, min_side
         self.active = False
         self._probs: list[Tensor] = []
 
@@ -139,7 +146,7 @@ class ReferenceAttentionCapture:
         self._probs = []
 
     def wants(self, num_queries: int) -> bool:
-        return self.active and math.isqrt(num_queries) <= self.max_side
+        return self.active and self.min_side <= math.isqrt(num_queries) <= self.max_side
 
     def record(self, probs: Tensor) -> None:
         """probs: (B, heads, Nq, Nk) softmax probabilities of one layer's reference branch."""
@@ -180,6 +187,21 @@ def unit_clamp(gate: Tensor) -> Tensor:
     return torch.where(inside, gate, gate.detach().clamp(0, 1))
 
 
+def straight_through_unit_clamp(gate: Tensor) -> Tensor:
+    """``clamp(gate, 0, 1)`` whose gradient is 1 everywhere (a straight-through estimator).
+
+    Outside [0, 1] :func:`unit_clamp` passes no gradient, so a layer whose gate an update
+    pushes outside at every position stops learning for good; here the gate keeps its
+    gradient and can come back. Values are identical to ``clamp`` (``gate - gate.detach()``
+    is exactly 0).
+    """
+    return gate.detach().clamp(0, 1) + (gate - gate.detach())
+
+
+GATE_CLAMPS = {"inside": unit_clamp, "straight-through": straight_through_unit_clamp}
+"""The gate's clamp for each ``rra.gate_gradient``."""
+
+
 def _heads(tensor: Tensor, heads: int) -> Tensor:
     """(B, N, heads·d) → (B, heads, N, d)."""
     return tensor.reshape(tensor.shape[0], -1, heads, tensor.shape[-1] // heads).transpose(1, 2)
@@ -212,17 +234,22 @@ class RRAProcessor(nn.Module):
         out = (1 - clamp(m, 0, 1)) · O_self + clamp(m, 0, 1) · O_ref
 
     With the zero initialisation ``m = 0`` and ``O_ref = 0``, so the output equals the plain
-    layer's exactly. The clamp passes gradient on [0, 1] inclusive (:func:`unit_clamp`).
-    Trainable tensors are float32 (training runs under autocast); cast the module to the
-    UNet's dtype for inference without autocast.
+    layer's exactly. The clamp's gradient is ``gate_gradient``'s (:data:`GATE_CLAMPS`): on
+    [0, 1] inclusive (:func:`unit_clamp`) or everywhere (:func:`straight_through_unit_clamp`).
+    W'_k, W'_v are copied from ``pretrained`` (float32 as loaded) when given, else from the
+    layer's own. Trainable tensors are float32 (training runs under autocast); cast the module
+    to the UNet's dtype for inference without autocast.
     """
 
     def __init__(self, attn: Attention, name: str, bank: ReferenceBank,
-                 capture: ReferenceAttentionCapture | None = None) -> None:
+                 capture: ReferenceAttentionCapture | None = None, *,
+                 pretrained: KeyValue | None = None,
+                 gate_gradient: GateGradient = "straight-through") -> None:
         super().__init__()
         self.name, self.slot, self.capture = name, bank.slot(name), capture
-        self.to_k = copy.deepcopy(attn.to_k).float().requires_grad_(True)
-        self.to_v = copy.deepcopy(attn.to_v).float().requires_grad_(True)
+        self.gate_clamp = GATE_CLAMPS[gate_gradient]
+        to_k, to_v = pretrained or (attn.to_k, attn.to_v)
+        self.to_k, self.to_v = trainable_copy(to_k), trainable_copy(to_v)
         inner, channels = attn.to_v.out_features, attn.to_out[0].out_features
         self.to_out = nn.Linear(2 * inner, channels + 1, device=attn.to_q.weight.device)
         nn.init.zeros_(self.to_out.weight)
@@ -258,7 +285,7 @@ class RRAProcessor(nn.Module):
                 a_ref = F.scaled_dot_product_attention(query, ref_key.to(query.dtype),
                                                        ref_value.to(query.dtype))
         mixed = self.to_out(torch.cat([_merge_heads(a_ref).to(a_self.dtype), a_self], dim=-1))
-        o_ref, gate = mixed[..., :-1], unit_clamp(mixed[..., -1:])
+        o_ref, gate = mixed[..., :-1], self.gate_clamp(mixed[..., -1:])
         return (1 - gate) * o_self + gate * o_ref
 
 
@@ -287,12 +314,24 @@ def install_reference_writers(unet: UNet2DConditionModel, bank: ReferenceBank,
 
 
 def install_rra(unet: UNet2DConditionModel, bank: ReferenceBank, names: Iterable[str], *,
-                capture: ReferenceAttentionCapture | None = None) -> ProcessorHandle:
-    """Install a fresh (zero-initialised) :class:`RRAProcessor` on each layer in ``names``."""
+                capture: ReferenceAttentionCapture | None = None,
+                capture_names: Iterable[str] | None = None,
+                pretrained: Mapping[str, KeyValue] | None = None,
+                gate_gradient: GateGradient = "straight-through") -> ProcessorHandle:
+    """Install a fresh (zero-initialised) :class:`RRAProcessor` on each layer in ``names``.
+
+    ``capture``: given to the layers in ``capture_names`` (all of ``names`` when None).
+    ``pretrained``: float32 K/V to copy W'_k, W'_v from, by processor name
+    (:func:`~eqdiff.method.attention.float32_projections`); the layers' own when None.
+    """
+    names = list(names)
+    capturing = set(names if capture_names is None else capture_names)
 
     def make(name: str, module: Attention, _current: object) -> RRAProcessor:
         _check_plain_self_attention(name, module)
-        return RRAProcessor(module, name, bank, capture)
+        return RRAProcessor(module, name, bank, capture if name in capturing else None,
+                            pretrained=None if pretrained is None else pretrained[name],
+                            gate_gradient=gate_gradient)
 
     return install_processors(unet, names, make)
 
@@ -392,11 +431,17 @@ class RRAExtension:
     (:func:`reference_indices`), each prior row's an augmented copy of its class image
     (:func:`augment_prior_images`); references are VAE latent means, noised with the row's ε at
     ``max(t - gap, 0)`` and run through the frozen reference UNet (under ``no_grad``: the bank
-    is a constant for the step) with the row's own prompt states, filling the bank that the
-    trained UNet's RRA processors read. With ``method.rra_loss`` the RRA attention loss
-    (``"rra"``) is the mean of :func:`eqdiff.method.losses.rra_attention_loss` over the layers whose
-    query grid side is at most ``loss_resolution``, on instance rows (target: the row's mask;
-    reference: its reference photo's mask).
+    is a constant for the step), filling the bank that the trained UNet's RRA processors read.
+    The reference UNet is conditioned (``rra.reference_prompt``) on the instance prompt with
+    the placeholder's initial table row and, for prior rows, the class prompt
+    (``"initial-row"``), or on each row's own prompt states (``"learned"``).
+
+    With ``method.rra_loss`` the RRA attention loss (``"rra"``, on instance rows; target: the
+    row's mask, reference: its reference photo's mask) takes ``losses.rra_loss_form``:
+    ``"released"``, :func:`eqdiff.method.losses.pooled_rra_attention_loss` on the up-block
+    layers whose query grid side is ``loss_resolution``, heads and layers averaged first;
+    ``"per-layer"``, the mean of :func:`eqdiff.method.losses.rra_attention_loss` over the
+    layers whose side is at most ``loss_resolution``.
     """
 
     def __init__(self, config: RRAConfig, method: MethodConfig, *,
@@ -409,22 +454,39 @@ class RRAExtension:
         self.loss_resolution = loss_resolution
         self.share_weights = share_weights
         self.bank = ReferenceBank()
-        self.capture = (ReferenceAttentionCapture(loss_resolution) if method.rra_loss
-                        else None)
+        self.capture: ReferenceAttentionCapture | None = None  # made at install, with the loss
+        self.loss_form: RRALossForm = "released"
         self.handle: ProcessorHandle | None = None
         self.reference_unet: UNet2DConditionModel | None = None
         self.scheduler: DDPMScheduler | None = None
         self.seed = 0
         self.instance_references = self.masks = torch.empty(0)  # (N, C, h, w), (N, 1, H, W)
         self.prior_references = torch.empty(0)  # (M, C, h, w) latents of augmented class images
+        # (Bi + Bp, L, D) reference-pass prompt states ("initial-row"); None: the rows' own
+        self.reference_states: Tensor | None = None
 
     def install(self, trainer: ConceptTrainer, data: ConceptData) -> None:
         """Copy the reference UNet, install RRA on the trained UNet, encode the references."""
         unet = trainer.components.unet
         names = rra_layer_names(unet, self.config.blocks)
+        loss_names = names
+        if self.method.rra_loss:
+            self.loss_form = trainer.config.losses.rra_loss_form
+            released = self.loss_form == "released"
+            self.capture = ReferenceAttentionCapture(
+                self.loss_resolution, min_side=self.loss_resolution if released else 1)
+            if released:
+                loss_names = [name for name in names if name.startswith(BLOCK_PREFIXES["up"])]
+                if not loss_names:
+                    raise ValueError(f"the released RRA loss reads up-block layers, and rra.blocks "
+                                     f"{self.config.blocks} has none: add 'up' or set "
+                                     "losses.rra_loss_form='per-layer'")
         self.reference_unet = frozen_reference_unet(unet, share_weights=self.share_weights)
         install_reference_writers(self.reference_unet, self.bank, names)
-        self.handle = install_rra(unet, self.bank, names, capture=self.capture)
+        self.handle = install_rra(unet, self.bank, names, capture=self.capture,
+                                  capture_names=loss_names,
+                                  pretrained=trainer.pretrained_projections,
+                                  gate_gradient=self.config.gate_gradient)
         self.scheduler = trainer.components.noise_scheduler
         self.seed = trainer.config.train.seed
         self.instance_references = trainer.instance_latents[Band.FULL][0]  # latent means
@@ -432,6 +494,8 @@ class RRAExtension:
         if trainer.prior_batch:
             augmented = augment_prior_images(data.prior_images.to(trainer.device, torch.float32))
             self.prior_references = trainer.encode_distribution(augmented)[0]
+        if self.config.reference_prompt == "initial-row":
+            self.reference_states = initial_row_states(trainer)
         logger.info("RRA on %d layers (%s), weights %s", len(names), "+".join(self.config.blocks),
                     "shared" if self.share_weights else "copied")
 
@@ -456,7 +520,9 @@ class RRAExtension:
             latents = torch.cat([latents, self.prior_references[batch.prior_indices]])
         timesteps = (batch.timesteps - self.config.timestep_gap).clamp_min(0)
         noisy = self.scheduler.add_noise(latents, batch.noise, timesteps)
-        self.reference_unet(noisy, timesteps, batch.encoder_states.detach())
+        states = (batch.encoder_states.detach() if self.reference_states is None
+                  else self.reference_states)
+        self.reference_unet(noisy, timesteps, states)
 
     def before_unet(self, batch: StepBatch) -> None:
         self.bank.clear()
@@ -469,11 +535,16 @@ class RRAExtension:
             return {}
         probs = self.capture.probabilities()
         if not probs:
-            raise RuntimeError(f"no RRA layer has a query grid of side <= "
-                               f"{self.loss_resolution}; raise loss_resolution")
+            sides = (f"of side {self.loss_resolution} in an up block"
+                     if self.loss_form == "released" else f"of side <= {self.loss_resolution}")
+            raise RuntimeError(f"no RRA layer has a query grid {sides}; change loss_resolution "
+                               "or losses.rra_loss_form")
         bi = batch.instance_count
         targets = self.masks[batch.instance_indices]
         references = self.masks[batch.draws[REFERENCE_ROWS]]
+        if self.loss_form == "released":  # heads and layers pooled into one map first
+            pooled = torch.cat([p[:bi] for p in probs], dim=1).float().mean(dim=1)
+            return {"rra": pooled_rra_attention_loss(pooled, targets, references)}
         losses = [rra_attention_loss(p[:bi], targets, references) for p in probs]
         return {"rra": torch.stack(losses).mean()}
 
@@ -497,6 +568,23 @@ class RRAExtension:
         self.handle = None
         self.reference_unet = None
         self.bank.clear()
+
+
+@torch.no_grad()
+def initial_row_states(trainer: ConceptTrainer) -> Tensor:
+    """The released reference-pass conditioning (docs/method.md §5): the instance prompt
+    encoded with the placeholder's own table row (the initializer's embedding; no learned
+    vector injected) for the instance rows, the class prompt for the prior rows.
+    Returns (Bi + Bp, L, D) float32 on the trainer's device, fixed for the run."""
+    amp = trainer.amp_dtype
+    autocast = torch.autocast(trainer.device.type, dtype=amp or torch.float32,
+                              enabled=amp is not None)
+    with autocast, trainer.embeddings.table_row():
+        instance = trainer.components.text_encoder(trainer.instance_ids)[0].float()
+    rows = [instance.expand(trainer.train.instance_batch, -1, -1)]
+    if trainer.prior_batch:
+        rows.append(trainer.class_states.expand(trainer.prior_batch, -1, -1))
+    return torch.cat(rows)
 
 
 def training_extensions(config: RRAConfig, method: MethodConfig) -> list[RRAExtension]:

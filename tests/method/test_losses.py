@@ -11,6 +11,7 @@ from eqdiff.method.losses import (
     latent_masks,
     masked_diffusion_loss,
     masked_noising,
+    pooled_rra_attention_loss,
     prior_preservation_loss,
     rra_attention_loss,
     total_loss,
@@ -114,6 +115,28 @@ def test_masked_loss_is_normalised_by_area_and_channels():
     # A per-channel mask gives the same normalisation.
     per_channel = box_mask(1, 16, 3, 1, 12).expand(1, 4, 16, 16)
     torch.testing.assert_close(masked_diffusion_loss(pred, target, per_channel), large)
+
+
+def test_released_normalisation_divides_by_the_mask_area_alone():
+    """losses.instance_normalisation (docs/method.md §4): "released" divides the masked squared
+    error by the mask's area (pixels), "per-element" also by the C channels: C times apart."""
+    target = torch.zeros(2, 4, 8, 8)
+    pred = target + 0.5
+    mask = torch.cat([box_mask(1, 8, 0, 0, 3), box_mask(1, 8, 2, 2, 6)])
+    # each sample: sum = 4 channels * area * 0.25; / area -> 1.0, / (4 * area) -> 0.25
+    released = masked_diffusion_loss(pred, target, mask, normalisation="released")
+    per_element = masked_diffusion_loss(pred, target, mask, normalisation="per-element")
+    torch.testing.assert_close(released, torch.tensor(1.0))
+    torch.testing.assert_close(per_element, torch.tensor(0.25))
+    noisy = torch.randn(2, 4, 8, 8, generator=seeded(4))
+    for weights in (mask, mask.expand(2, 4, 8, 8), None):  # None: no mask (MGDP off)
+        torch.testing.assert_close(
+            masked_diffusion_loss(noisy, target, weights, normalisation="released"),
+            4 * masked_diffusion_loss(noisy, target, weights, normalisation="per-element"))
+    torch.testing.assert_close(masked_diffusion_loss(noisy, target, None),
+                               prior_preservation_loss(noisy, target))
+    with pytest.raises(ValueError, match="normalisation"):
+        masked_diffusion_loss(noisy, target, mask, normalisation="per-pixel")
 
 
 def test_masked_loss_weighs_samples_equally_and_full_masks_give_plain_mse():
@@ -254,6 +277,31 @@ def test_rra_loss_with_empty_masks_is_finite():
     partial_reference[0] = 0
     torch.testing.assert_close(rra_attention_loss(off, target, partial_reference),
                                rra_attention_loss(off[1:], target[1:], reference[1:]))
+
+
+def test_pooled_rra_loss_is_the_released_mse_over_every_query():
+    """The released RRA loss (docs/method.md §6) on a map pooled over heads and layers:
+    MSE(s * M, M), s(p) the mass of query p on reference-mask keys, mean over all queries."""
+    probs, target, reference, in_target, in_ref = rra_setup(heads=1)
+    pooled = probs[:, 0]
+    assert pooled_rra_attention_loss(pooled, target, reference).item() == pytest.approx(
+        0.0, abs=1e-12)
+    scrambled = torch.where(in_target, probs, torch.rand(probs.shape, generator=seeded(5)))
+    assert pooled_rra_attention_loss(scrambled[:, 0], target, reference).item() == \
+        pytest.approx(0.0, abs=1e-12)  # queries outside the target mask are free
+    uniform_off = (~in_ref).float() / (~in_ref).sum(-1, keepdim=True)
+    half = torch.where(in_target, 0.5 * probs + 0.5 * uniform_off, probs)[:, 0]
+    # (0.5 - 1)^2 on the 6 in-mask queries of 16, averaged over all 16: 0.25 * 6 / 16; the
+    # per-layer form averages over the in-mask queries only: 0.25
+    assert pooled_rra_attention_loss(half, target, reference).item() == pytest.approx(
+        0.25 * 6 / 16, rel=1e-5)
+    assert rra_attention_loss(half[:, None], target, reference).item() == pytest.approx(
+        0.25, rel=1e-5)
+    # an empty reference mask is not skipped: s = 0 on the whole target mask
+    empty = pooled_rra_attention_loss(pooled, target, torch.zeros_like(reference))
+    assert empty.item() == pytest.approx(6 / 16, rel=1e-5)
+    with pytest.raises(ValueError):
+        pooled_rra_attention_loss(probs, target, reference)  # (B, heads, Nq, Nk): not pooled
 
 
 def test_rra_loss_rejects_non_square_grids():

@@ -23,6 +23,7 @@ from eqdiff.method.reference import (
     rra_layers_of,
     rra_learned_tensors,
     rra_parameters,
+    straight_through_unit_clamp,
     training_extensions,
     unit_clamp,
 )
@@ -134,6 +135,42 @@ def test_unit_clamp_has_clamp_values_and_gradient_on_the_closed_interval():
     assert torch.equal(clamped, gate.detach().clamp(0, 1))
     clamped.sum().backward()
     assert gate.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_straight_through_clamp_has_clamp_values_and_gradient_everywhere():
+    gate = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.7, -1e-8], requires_grad=True)
+    clamped = straight_through_unit_clamp(gate)
+    assert torch.equal(clamped, gate.detach().clamp(0, 1))
+    clamped.sum().backward()
+    assert gate.grad.tolist() == [1.0] * 6
+
+
+@pytest.mark.parametrize("gate_gradient", ["inside", "straight-through"])
+def test_a_closed_gate_learns_only_with_the_straight_through_gradient(tiny_sd, gate_gradient):
+    """rra.gate_gradient (docs/method.md §5): with the gate below 0 at every position, the
+    layer's output is the plain one either way; "inside" gives its RRA tensors no gradient
+    (the layer is dead), "straight-through" still reaches W'_o, W'_k and W'_v via the gate."""
+    unet = load_sd_components(tiny_sd, local_files_only=True).unet.requires_grad_(False)
+    bank = ReferenceBank()
+    names = rra_layer_names(unet, ("mid", "up"))
+    reference = frozen_reference_unet(unet)
+    install_reference_writers(reference, bank, names)
+    handle = install_rra(unet, bank, names, gate_gradient=gate_gradient)
+    _randomise(handle)
+    closed = names[0]
+    with torch.no_grad():
+        handle.installed[closed].to_out.bias[-1] = -50.0  # m < 0 everywhere: clamped to 0
+    latents, timesteps, states = _inputs()
+    with torch.no_grad():
+        reference(torch.randn_like(latents), timesteps, states)
+    unet(latents, timesteps, states).sample.square().mean().backward()
+    for name, processor in handle.installed.items():
+        grads = {pname: p.grad for pname, p in processor.named_parameters()}
+        alive = {pname: g is not None and bool(g.abs().sum() > 0) for pname, g in grads.items()}
+        if name == closed and gate_gradient == "inside":
+            assert not any(alive.values()), alive
+        else:
+            assert all(alive.values()), (name, alive)
 
 
 def test_gradients_reach_rra_and_nothing_frozen(tiny_sd):

@@ -10,6 +10,7 @@ from eqdiff.config import RunConfig, TrainConfig, method_preset
 from eqdiff.method.attention import CrossAttentionCapture, cross_attention_sides, install_custom_kv
 from eqdiff.method.embeddings import PlaceholderEmbeddings
 from eqdiff.method.models import load_sd_components
+from eqdiff.method.reference import training_extensions
 from eqdiff.method.training import ConceptTrainer, frozen_weight_dtype
 
 
@@ -64,6 +65,35 @@ def test_bf16_frozen_weights_train_like_fp32_frozen_weights(tiny_sd):
         assert cosine > 0.95, (name, float(cosine))
     cast.remove()
     kept.remove()
+
+
+def test_trainable_copies_start_from_the_float32_weights_under_a_bf16_cast(tiny_sd):
+    """Custom Diffusion's K/V copies and RRA's W'_k, W'_v start from the pretrained weights as
+    loaded (float32), bit for bit, although the frozen UNet is cast to bf16 before they are
+    installed (docs/method.md §3, §5)."""
+    loaded = {name: p.detach().clone() for name, p in
+              load_sd_components(tiny_sd, local_files_only=True).unet.named_parameters()}
+    config = _config(precision="bf16")  # the frozen weights are cast to bf16, on the CPU too
+    method = method_preset("eqdiff")
+    trainer = ConceptTrainer(load_sd_components(tiny_sd, local_files_only=True), make_data(),
+                             config, method, extensions=training_extensions(config.rra, method))
+    try:
+        assert trainer.frozen_dtype == torch.bfloat16
+        cast = dict(trainer.components.unet.named_parameters())
+        copies = {name: tensor for name, tensor in trainer.learned_tensors().items()
+                  if name.startswith(("eqdiff_kv.", "eqdiff_rra."))
+                  and name.endswith((".to_k.weight", ".to_v.weight"))}
+    finally:
+        trainer.remove()
+    kinds = {name.split(".")[0] for name in copies}
+    assert kinds == {"eqdiff_kv", "eqdiff_rra"}
+    rounded = 0
+    for name, tensor in copies.items():
+        source = name.split(".", 1)[1]  # eqdiff_kv.<layer>.to_k.weight -> <layer>.to_k.weight
+        assert cast[source].dtype == torch.bfloat16
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, loaded[source]), name
+        rounded += not torch.equal(cast[source].float(), loaded[source])
+    assert rounded == len(copies)  # the cast weights differ: copying them would fail above
 
 
 def test_loss_history_is_converted_lazily_and_equals_the_step_results(tiny_sd):

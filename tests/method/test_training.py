@@ -8,7 +8,14 @@ from diffusers import StableDiffusionPipeline
 from synthetic import RESOLUTION
 from synthetic import random_concept_data as make_data
 
-from eqdiff.config import METHOD_PRESETS, RunConfig, TrainConfig, method_preset, with_overrides
+from eqdiff.config import (
+    METHOD_PRESETS,
+    FrequencyConfig,
+    RunConfig,
+    TrainConfig,
+    method_preset,
+    with_overrides,
+)
 from eqdiff.fixtures.zoo import build_tiny_sd
 from eqdiff.method.attention import (
     CrossAttentionCapture,
@@ -25,6 +32,7 @@ from eqdiff.method.embeddings import (
 from eqdiff.method.models import load_sd_components
 from eqdiff.method.training import (
     EXTENSION_SWITCHES,
+    ConceptTrainer,
     LogProgress,
     ProgressBar,
     StepResult,
@@ -70,6 +78,31 @@ def test_placeholder_gets_lf_hf_or_both_as_drawn(tiny_sd):
     others = torch.ones(ids.shape[1], dtype=torch.bool)
     others[position] = False
     assert torch.equal(injected[:, others], table.weight[ids][:, others])
+
+
+@pytest.mark.parametrize("band_init", ["each-full", "half"])
+def test_band_vectors_start_each_at_the_initializer_or_at_half_of_it(tiny_sd, band_init):
+    """frequency.band_init (docs/method.md §3): S_LF and S_HF start each at the initializer's
+    embedding e ("each-full": the full-band token S_LF + S_HF starts at 2e) or each at e / 2
+    ("half": it starts at e). A single vector starts at e either way."""
+    config = RunConfig(frequency=FrequencyConfig(band_init=band_init),
+                       train=TrainConfig(steps=1, resolution=RESOLUTION, num_prior_images=4))
+    for name in ("eqdiff-no-rra", "custom-diffusion"):
+        method = method_preset(name)
+        trainer = ConceptTrainer(load(tiny_sd), make_data(), config, method)
+        try:
+            row = trainer.components.text_encoder.get_input_embeddings().weight[trainer.token_id]
+            initial = row.detach().float()
+            vectors = trainer.embeddings.vectors.detach()
+            inference = trainer.embeddings.inference_vector()
+        finally:
+            trainer.remove()
+        assert vectors.shape[0] == (2 if method.fdte else 1)
+        start = initial / 2 if band_init == "half" and method.fdte else initial
+        for vector in vectors:
+            assert torch.equal(vector, start), name
+        scale = 2 if band_init == "each-full" and method.fdte else 1
+        torch.testing.assert_close(inference, scale * initial)
 
 
 def test_initializer_word_of_several_tokens_is_averaged(tiny_sd):

@@ -27,18 +27,20 @@ from synthetic import random_concept, random_reference_image
 from eqdiff.config import (
     METHOD_PRESETS,
     FrequencyConfig,
+    LossConfig,
     MaskConfig,
+    RRAConfig,
     RunConfig,
     SampleConfig,
     TrainConfig,
     method_preset,
 )
+from eqdiff.method.embeddings import add_placeholder_token
 from eqdiff.method.frequency import Band, frequency_band
 from eqdiff.method.losses import latent_masks
 from eqdiff.method.models import load_sd_components
 from eqdiff.method.reference import (
     REFERENCE_ROWS,
-    RRAExtension,
     augment_prior_images,
     training_extensions,
 )
@@ -229,18 +231,24 @@ def test_a_step_of_one_band_trains_only_that_bands_vector(tiny_sd, band):
 # --------------------------------------------------------------------------- MGDP
 
 
-@pytest.mark.parametrize(("method_name", "parts"), [
-    ("eqdiff", "noising-and-loss"), ("eqdiff-no-mgdp", "noising-and-loss"),
-    ("eqdiff", "loss-only"), ("eqdiff", "noising-only")])
+@pytest.mark.parametrize(("method_name", "parts", "normalisation"), [
+    ("eqdiff", "noising-and-loss", "released"), ("eqdiff-no-mgdp", "noising-and-loss", "released"),
+    ("eqdiff", "noising-and-loss", "per-element"), ("eqdiff", "loss-only", "released"),
+    ("eqdiff", "noising-only", "released"), ("custom-diffusion", "noising-and-loss", "released")])
 def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, method_name,
-                                                                      parts):
+                                                                      parts, normalisation):
     """MGDP: inside the row's own (dilated) subject mask the latent is noised and the loss is
     taken; the background stays the clean latent and is not in the loss. Without MGDP the
-    whole latent is noised and the loss is the plain MSE (docs/method.md §4). Its halves
-    (``mgdp_parts``) each turn on alone."""
-    cfg = _config(frequency=ONLY_FULL)
+    whole latent is noised and the loss is the plain MSE. Its halves (``mgdp_parts``) each turn
+    on alone. The EqDiff loss is the mean squared error over the loss's elements, times the
+    latent channels C with the released normalisation (the squared error divided by the mask's
+    area alone); the baselines' is the plain MSE whatever the normalisation (docs/method.md
+    §4)."""
+    cfg = dataclasses.replace(_config(frequency=ONLY_FULL),
+                              losses=LossConfig(instance_normalisation=normalisation))
     data = _data()
     method = dataclasses.replace(method_preset(method_name), mgdp_parts=parts)
+    method = dataclasses.replace(method, recipe=dataclasses.replace(method.recipe, hflip=False))
     trainer = ConceptTrainer(load_sd_components(tiny_sd, local_files_only=True), data, cfg,
                              method, extensions=training_extensions(cfg.rra, method))
     try:
@@ -271,7 +279,11 @@ def test_mgdp_noises_and_learns_the_subject_only_and_is_off_without_it(tiny_sd, 
         masked_loss = method.mgdp and parts != "noising-only"
         background_seen = z0 if masked_noising else noisy
         assert torch.allclose(seen[background], background_seen[background], atol=ATOL, rtol=0)
-        assert logged == pytest.approx((masked if masked_loss else plain).item(), rel=1e-5)
+        assert z0.shape[1] == 4
+        channels = (z0.shape[1] if normalisation == "released" and method.instance_loss == "eqdiff"
+                    else 1)
+        expected = channels * (masked if masked_loss else plain).item()
+        assert logged == pytest.approx(expected, rel=1e-5)
     finally:
         trainer.remove()
 
@@ -354,6 +366,108 @@ def test_training_reference_is_the_drawn_photo_noised_at_t_minus_gap_with_the_ro
         trainer.remove()
 
 
+@pytest.mark.parametrize("reference_prompt", ["initial-row", "learned"])
+def test_training_reference_prompt_is_the_initial_row_or_the_rows_own(tiny_sd,
+                                                                      reference_prompt):
+    """rra.reference_prompt (docs/method.md §5): "initial-row" conditions the reference UNet's
+    instance rows on the instance prompt with the placeholder's initial embedding (as a fresh
+    text encoder given the initializer's embedding encodes it) and its prior rows on the class
+    prompt; "learned" on each row's own prompt states, those the main UNet gets."""
+    cfg = dataclasses.replace(_config(frequency=ONLY_FULL),
+                              rra=RRAConfig(reference_prompt=reference_prompt))
+    trainer = _trainer(tiny_sd, "eqdiff", cfg)
+    try:
+        with torch.no_grad():  # the learned vectors away from the initial embedding
+            trainer.embeddings.vectors.add_(torch.randn(
+                trainer.embeddings.vectors.shape, generator=torch.Generator().manual_seed(2)))
+        rra = trainer.extensions[-1]
+        main, reference = UNetSpy(trainer.components.unet), UNetSpy(rra.reference_unet)
+        trainer.train_step()
+        main.remove()
+        reference.remove()
+        bi, bp = trainer.train.instance_batch, trainer.prior_batch
+        initializer = trainer.train.initializer_token
+    finally:
+        trainer.remove()
+    seen = reference.inputs[0]["encoder_hidden_states"]
+    own = main.inputs[0]["encoder_hidden_states"]
+    assert seen.shape[0] == bi + bp and bp > 0
+    if reference_prompt == "learned":
+        assert torch.allclose(seen, own, atol=ATOL, rtol=0)
+        return
+    fresh = load_sd_components(tiny_sd, local_files_only=True)
+    add_placeholder_token(fresh.tokenizer, fresh.text_encoder, cfg.train.placeholder_token,
+                          initializer)
+    with torch.no_grad():
+        initial = _encode(fresh, f"photo of a {cfg.train.placeholder_token} ball")
+        class_prompt = _encode(fresh, "ball")
+    for row in range(bi):
+        assert torch.allclose(seen[row], initial, atol=ATOL, rtol=0)
+        assert not torch.allclose(own[row], initial, atol=1e-3)
+    for row in range(bi, bi + bp):
+        assert torch.allclose(seen[row], class_prompt, atol=ATOL, rtol=0)
+
+
+def _encode(components, prompt: str) -> torch.Tensor:
+    tokenizer = components.tokenizer
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return components.text_encoder(ids)[0][0]
+
+
+@pytest.mark.parametrize("form", ["released", "per-layer"])
+def test_rra_loss_reads_the_layers_and_takes_the_form_of_losses_rra_loss_form(tiny_sd, form):
+    """losses.rra_loss_form (docs/method.md §6), rebuilt from the recorded RRA attention: the
+    "released" loss reads the 16×16 up-block layers only, pools heads and layers, and is
+    MSE(s·M, M) over every query; "per-layer" also reads the mid layer (16×16 here, side <= 16)
+    and averages (m − 1)² over in-mask queries, per head and layer."""
+    cfg = dataclasses.replace(_config(), losses=LossConfig(rra_loss_form=form))
+    data = _data()
+    trainer = _trainer(tiny_sd, "eqdiff", cfg, data)
+    try:
+        rra = trainer.extensions[-1]
+        readers = sorted(name for name, processor in rra.handle.installed.items()
+                         if processor.capture is not None)
+        recorded: list[torch.Tensor] = []
+        record = rra.capture.record
+
+        def recording(probs: torch.Tensor) -> None:
+            recorded.append(probs.detach().clone())
+            record(probs)
+
+        rra.capture.record = recording
+        draws = _record_draws(trainer)
+        trainer.train_step()
+        logged = trainer.loss_history[0]["loss/rra"]
+        bi = trainer.train.instance_batch
+    finally:
+        trainer.remove()
+    up = [name for name in readers if name.startswith("up_blocks.")]
+    if form == "released":
+        assert readers == up and len(up) == 2
+    else:
+        assert len(readers) == 3 and any(name.startswith("mid_block.") for name in readers)
+    assert len(recorded) == len(readers)
+    assert {tuple(p.shape[-2:]) for p in recorded} == {(256, 256)}  # 16×16 queries and keys
+    d = draws[0].tensors
+    # the masks' squares lie on the 4-pixel cells of the 16×16 grid: a cell is in or out
+    queries = F.avg_pool2d(data.masks[d["instance_indices"]], 4).flatten(1)  # (Bi, 256)
+    keys = F.avg_pool2d(data.masks[d[REFERENCE_ROWS]], 4).flatten(1)
+    assert set(queries.unique().tolist()) == set(keys.unique().tolist()) == {0.0, 1.0}
+    if form == "released":
+        pooled = torch.cat([p[:bi] for p in recorded], dim=1).mean(dim=1)
+        mass = (pooled * keys[:, None, :]).sum(-1)
+        expected = ((mass * queries - queries) ** 2).mean()
+    else:
+        per_layer = []
+        for probs in recorded:
+            mass = (probs[:bi] * keys[:, None, None, :]).sum(-1)  # (Bi, heads, Nq)
+            error = ((mass - 1) ** 2 * queries[:, None]).sum(dim=(1, 2))
+            per_layer.append((error / (probs.shape[1] * queries.sum(1))).mean())
+        expected = torch.stack(per_layer).mean()
+    assert logged == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_inference_reference_is_the_clean_vae_mean_at_the_current_t(tiny_sd, tmp_path):
     """At every denoising step the reference UNet gets the reference photo's VAE mean, not
     noised, at the step's t, with the plain class caption (docs/method.md §5)."""
@@ -402,7 +516,6 @@ class FixedDrawRun:
     requires_grad: set[int]  # ids of every tensor of the run that requires a gradient
     frozen_before: dict[str, torch.Tensor]
     frozen_after: dict[str, torch.Tensor]
-    gate_open: dict[str, list[bool]]  # RRA layer → per step: some position's gate in [0, 1]
 
 
 def _frozen_state(components) -> dict[str, torch.Tensor]:
@@ -423,19 +536,10 @@ def fixed_draw_run(request, tiny_sd) -> FixedDrawRun:
                              extensions=training_extensions(cfg.rra, method))
     try:
         learned_before = trainer.learned_tensors()
-        gate_open: dict[str, list[bool]] = {}
-        hooks = [processor.to_out.register_forward_hook(
-                    lambda _m, _a, out, layer=name.removesuffix(".processor"):
-                    gate_open.setdefault(layer, []).append(
-                        bool(((out[..., -1] >= 0) & (out[..., -1] <= 1)).any())))
-                 for extension in trainer.extensions if isinstance(extension, RRAExtension)
-                 for name, processor in extension.handle.installed.items()]
         fixed = trainer.draw()
         trainer.draw = lambda: fixed
         for _ in range(FIXED_DRAW_STEPS):
             trainer.train_step()
-        for hook in hooks:
-            hook.remove()
         modules = [components.unet, components.text_encoder, components.vae, trainer.embeddings,
                    *(network for extension in trainer.extensions
                      for network in extension.networks())]
@@ -444,7 +548,7 @@ def fixed_draw_run(request, tiny_sd) -> FixedDrawRun:
         optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         run = FixedDrawRun(request.param, fixed, [h["loss"] for h in trainer.loss_history],
                            learned_before, trainer.learned_tensors(), optimized, requires_grad,
-                           frozen_before, {}, gate_open)
+                           frozen_before, {})
     finally:
         trainer.remove()
     run.frozen_after = _frozen_state(components)
@@ -465,18 +569,13 @@ def test_every_preset_moves_its_trainable_tensors_and_nothing_else(fixed_draw_ru
     assert prefixes == {"eqdiff_token"} | ({"eqdiff_kv"} if method.train_kv else set()) | (
         {"eqdiff_rra"} if method.rra else set())
     assert run.learned_after.keys() == run.learned_before.keys()
-    # An RRA layer's W'_v gets a gradient only through its gate (the reference output starts
-    # at 0): not in the first step, nor in a step where the gate is outside [0, 1] at every
-    # position (unit_clamp's gradient is 0 there, docs/method.md §5). Once an update closes a
-    # layer's gate at every position it stays closed (on these draws the first update does
-    # so in one layer of `eqdiff` and of `eqdiff-no-fdte`): a W'_v whose gate was closed in
-    # every step after the first cannot move; every other trainable tensor must.
-    assert method.rra == bool(run.gate_open)
-    dead = {f"eqdiff_rra.{layer}.to_v.weight" for layer, open_ in run.gate_open.items()
-            if not any(open_[1:])}
-    assert not method.rra or len(dead) < len(run.gate_open)  # some W'_v is checked below
+    # Every trainable tensor moves, the RRA layers' included. On these draws the first update
+    # closes one layer's gate at every position (m < 0) in `eqdiff` and `eqdiff-no-fdte`; the
+    # default straight-through gate gradient (rra.gate_gradient, docs/method.md §5) still
+    # reaches that layer's W'_k and W'_v through the gate (with "inside" they would freeze:
+    # tests/method/test_rra.py checks the two modes).
     for name, after in run.learned_after.items():
-        if name != "eqdiff_token.vectors" and name not in dead:
+        if name != "eqdiff_token.vectors":
             assert not torch.equal(after, run.learned_before[name]), name
     # S_LF moves when a low or full row was drawn, S_HF when a high or full row was; a vector
     # no drawn band uses gets no gradient and stays bit-identical (no weight decay here)

@@ -174,7 +174,8 @@ class CustomKVExtension:
                 raise RuntimeError("install the cross-attention loss before the K/V processors")
             capture = self.loss.capture
         self.handle = install_custom_kv(trainer.components.unet, train_kv=self.train_kv,
-                                        capture=capture)
+                                        capture=capture,
+                                        pretrained=trainer.pretrained_projections)
 
     def remove(self) -> None:
         """Put back the processors the K/V copies replaced."""

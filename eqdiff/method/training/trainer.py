@@ -33,6 +33,7 @@ from eqdiff.config import (
     masked_loss_on,
     masked_noising_on,
 )
+from eqdiff.method.attention import float32_projections
 from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
 from eqdiff.method.embeddings import (
     EmbeddingHandle,
@@ -106,6 +107,7 @@ class ConceptTrainer:
         self._precompute(data)
         for extension in self.extensions:  # in list order: see the extensions module
             extension.install(self, data)
+        self.pretrained_projections = None  # copied into the processors: not kept
         if self.frozen_dtype is not None:  # after every set-up encode: those stay float32
             self.components.vae.to(self.frozen_dtype)
         if config.train.compile == "regional":  # after every copy of the UNet (RRA's reference)
@@ -130,11 +132,14 @@ class ConceptTrainer:
             components.tokenizer, components.text_encoder, train_settings.placeholder_token,
             train_settings.initializer_token.replace(CLASS_WORD, data.class_noun))
         components.to(self.device)
+        # the trainable K/V copies start from these, whatever the frozen weights' dtype
+        self.pretrained_projections = float32_projections(components.unet)
         if self.frozen_dtype is not None:  # before any processor (trainable) is installed
             components.text_encoder.to(self.frozen_dtype)  # table rows keep their values
             components.unet.to(self.frozen_dtype)
         self.embeddings = PlaceholderEmbeddings(
-            initial, frequency_decomposed=self.method.fdte).to(self.device)
+            initial, frequency_decomposed=self.method.fdte,
+            band_init=self.config.frequency.band_init).to(self.device)
         self.embeddings.vectors.requires_grad_(self.method.train_token)
         self._handles.append(install_placeholder_embeddings(components.text_encoder,
                                                             self.token_id, self.embeddings))
@@ -323,10 +328,13 @@ class ConceptTrainer:
                 extension.before_unet(batch)
             pred = components.unet(batch.noisy_latents, batch.timesteps, states).sample.float()
         target = self._targets(batch).float()
-        if masked_loss_on(self.method):
-            parts = {"inst": masked_diffusion_loss(pred[:bi], target[:bi], batch.latent_masks)}
-        else:
+        if self.method.instance_loss == "mse":  # the baselines' scripts
             parts = {"inst": F.mse_loss(pred[:bi], target[:bi])}
+        else:
+            mask = batch.latent_masks if masked_loss_on(self.method) else None
+            parts = {"inst": masked_diffusion_loss(
+                pred[:bi], target[:bi], mask,
+                normalisation=self.config.losses.instance_normalisation)}
         if self.prior_batch:
             parts["prior"] = prior_preservation_loss(pred[bi:], target[bi:])
         for extension in self.extensions:
