@@ -5,7 +5,7 @@
 #   bash bench/gpu_run.sh --tiny [...]   a rehearsal here on the CPU: every stage's command
 #                                        with --tiny (the tiny offline SD), $OUT defaulting to
 #                                        a new temporary folder, no wheels, no nvidia-smi
-# Expects wheels of the packages the machine lacks in .whl/ (diffusers, open_clip_torch) and
+# Expects wheels of the packages the machine lacks in .whl/ (diffusers, open_clip_torch, peft) and
 # writes results and logs under $OUT. Stages run in the order given, each under its own time
 # limit, so a slow or failing stage still leaves the others' figures; $OUT/stages.txt says how
 # each one ended. A device call runs at most 600 s, so a session's 15 minutes are two calls,

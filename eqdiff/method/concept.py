@@ -1,10 +1,11 @@
 """The saved concept: exactly the learned tensors (safetensors) plus a JSON record.
 
 ``concept.safetensors`` holds tensors named by prefix (``eqdiff_token.``, ``eqdiff_kv.``,
-``eqdiff_rra.``); ``concept.json`` holds the base model's identity, the placeholder token,
-the resolved configuration and hashes. A concept loads into a standard diffusers
-``StableDiffusionPipeline`` (token row + K/V weights), so users can generate with their own
-code; pickled files are never read, and a concept trained on another base model is refused.
+``eqdiff_rra.``, ``eqdiff_lora.``); ``concept.json`` holds the base model's identity, the
+placeholder token, the resolved configuration and hashes. A concept loads into a standard
+diffusers ``StableDiffusionPipeline`` (token row + K/V weights + the UNet LoRA as a diffusers
+LoRA adapter), so users can generate with their own code; pickled files are never read, and a
+concept trained on another base model is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from eqdiff.method.attention import KV_PREFIX, WeightHandle, write_kv_weights
 from eqdiff.method.embeddings import TOKEN_PREFIX, write_token_row
+from eqdiff.method.lora import LORA_PREFIX, LoraHandle, apply_unet_lora
 from eqdiff.method.models import model_identity
 from eqdiff.method.reference import RRA_PREFIX
 
@@ -31,7 +33,7 @@ TENSORS_FILE = "concept.safetensors"
 RECORD_FILE = "concept.json"
 FORMAT = "eqdiff-concept"
 FORMAT_VERSION = 1
-KNOWN_PREFIXES = (TOKEN_PREFIX, KV_PREFIX, RRA_PREFIX)
+KNOWN_PREFIXES = (TOKEN_PREFIX, KV_PREFIX, RRA_PREFIX, LORA_PREFIX)
 TOKEN_VECTORS = TOKEN_PREFIX + "vectors"
 REQUIRED_FIELDS = ("format", "base_model", "placeholder_token", "tensors_sha256", "tensor_names")
 """The fields of ``concept.json`` that loading and applying a concept read."""
@@ -172,14 +174,19 @@ def _check_tensors(tensors: dict[str, torch.Tensor], record: dict[str, Any],
 
 @dataclass
 class ConceptHandle:
-    """Undoes :func:`apply_concept`: pretrained K/V weights come back; the token row is
-    reset to zeros (the token stays in the tokenizer, meaning nothing)."""
+    """Undoes :func:`apply_concept`: the LoRA adapter is taken out, pretrained K/V weights come
+    back; the token row is reset to zeros (the token stays in the tokenizer, meaning
+    nothing)."""
 
     kv: WeightHandle
     text_encoder: Any
     token_id: int
+    lora: LoraHandle | None = None
 
     def remove(self) -> None:
+        if self.lora is not None:
+            self.lora.remove()
+            self.lora = None
         self.kv.remove()
         with torch.no_grad():
             self.text_encoder.get_input_embeddings().weight[self.token_id].zero_()
@@ -198,7 +205,8 @@ def apply_concept(pipeline: Any, concept: Concept, *, base_model: str) -> Concep
     """Load ``concept`` into a diffusers SD pipeline (or :class:`SDComponents`) in place.
 
     Writes S_LF + S_HF into the placeholder's embedding row and the trained K/V into the
-    cross-attention projections. RRA tensors need the project's sampler (which installs the
+    cross-attention projections, and loads the UNet LoRA as a diffusers LoRA adapter. RRA
+    tensors need the project's sampler (which installs the
     RRA processors and the reference pass); a plain pipeline refuses them clearly.
     """
     if concept.tensors_with_prefix(RRA_PREFIX):
@@ -206,16 +214,22 @@ def apply_concept(pipeline: Any, concept: Concept, *, base_model: str) -> Concep
         raise ConceptError("this concept has residual-reference-attention tensors; generate "
                            "with eqdiff.method.sampling.ConceptGenerator, which installs RRA "
                            "and the reference pass")
-    return apply_token_and_kv(pipeline, concept, base_model=base_model)
+    return apply_without_rra(pipeline, concept, base_model=base_model)
 
 
-def apply_token_and_kv(pipeline: Any, concept: Concept, *, base_model: str) -> ConceptHandle:
-    """The part of a concept a plain pipeline holds: token row and K/V weights.
+def apply_without_rra(pipeline: Any, concept: Concept, *, base_model: str) -> ConceptHandle:
+    """The part of a concept a plain pipeline holds: token row, K/V weights and UNet LoRA.
 
     RRA tensors are left alone here; the sampler installs them with the reference pass.
     """
     check_base_model(concept, base_model)
     token_id = write_token_row(pipeline.tokenizer, pipeline.text_encoder,
                                concept.placeholder_token, concept.token_vector)
-    kv = write_kv_weights(pipeline.unet, concept.tensors_with_prefix(KV_PREFIX))
-    return ConceptHandle(kv, pipeline.text_encoder, token_id)
+    handle = ConceptHandle(write_kv_weights(pipeline.unet, concept.tensors_with_prefix(KV_PREFIX)),
+                           pipeline.text_encoder, token_id)
+    try:  # after the K/V: the LoRA wraps the projections they are written into
+        handle.lora = apply_unet_lora(pipeline.unet, concept.tensors)
+    except Exception:
+        handle.remove()
+        raise
+    return handle

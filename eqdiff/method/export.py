@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from eqdiff.method.attention import KV_PREFIX
 from eqdiff.method.concept import Concept, ConceptError
 from eqdiff.method.embeddings import TOKEN_PREFIX
+from eqdiff.method.lora import LORA_PREFIX, write_diffusers_lora
 from eqdiff.method.reference import RRA_PREFIX
 
 TEXTUAL_INVERSION_FILE = "learned_embeds.safetensors"
@@ -108,12 +109,20 @@ def write_custom_diffusion(concept: Concept, folder: Path) -> ExportedPart:
         "_pipeline")
 
 
+def write_lora(concept: Concept, folder: Path) -> ExportedPart:
+    """The UNet LoRA as diffusers' own LoRA file (what ``train_dreambooth_lora.py`` saves)."""
+    path = write_diffusers_lora(concept.tensors, folder)
+    layers = len(concept.tensors_with_prefix(LORA_PREFIX)) // 2
+    return ExportedPart(path.name, f"UNet LoRA of {layers} attention projections",
+                        f"pipe.load_lora_weights(folder, weight_name={path.name!r})")
+
+
 PART_WRITERS: dict[str, PartWriter] = {
     TOKEN_PREFIX: write_textual_inversion,
     KV_PREFIX: write_custom_diffusion,
+    LORA_PREFIX: write_lora,
 }
-"""One writer per kind of learned tensor, by concept-file prefix, in loading order. A new kind
-(UNet LoRA) joins with its prefix and writer here."""
+"""One writer per kind of learned tensor, by concept-file prefix, in loading order."""
 
 LEFT_OUT: dict[str, str] = {RRA_PREFIX: "residual reference attention"}
 """Kinds of learned tensor with no diffusers equivalent: left out, and said so."""

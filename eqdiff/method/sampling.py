@@ -1,9 +1,9 @@
 """Generation for evaluation: one base model loaded once, many concepts (docs/method.md §5, §7).
 
 :class:`ConceptGenerator` holds one set of SD-1.x components and serves many
-``(concept, requests)`` calls. A concept is applied for one call (token row, K/V weights and,
-when it has them, RRA processors with the reference pass) and removed afterwards, so
-switching concepts never reloads the base model.
+``(concept, requests)`` calls. A concept is applied for one call (token row, K/V weights, its
+UNet LoRA and, when it has them, RRA processors with the reference pass) and removed
+afterwards, so switching concepts never reloads the base model.
 
 The denoising loop is written here (it equals ``StableDiffusionPipeline.__call__`` for the
 same generators when no RRA is involved; a test holds it to that) because RRA needs a hook per
@@ -54,7 +54,7 @@ from torch import Tensor
 from eqdiff.config import RRAConfig, SampleConfig, SchedulerName
 from eqdiff.method.attention import ProcessorHandle
 from eqdiff.method.compilation import CompiledRegions, compile_regions, compiled_calls
-from eqdiff.method.concept import Concept, ConceptHandle, apply_token_and_kv
+from eqdiff.method.concept import Concept, ConceptHandle, apply_without_rra, check_base_model
 from eqdiff.method.models import SDComponents, load_sd_components, model_identity
 from eqdiff.method.reference import (
     RRA_PREFIX,
@@ -186,7 +186,7 @@ class _ActiveConcept:
     """A concept applied to the generator for one call, with what RRA needs per step."""
 
     concept: Concept
-    weights: ConceptHandle
+    weights: ConceptHandle | None = None
     rra: ProcessorHandle | None = None
     writers: ProcessorHandle | None = None
     reference_latent: Tensor | None = None  # (1, C, h, w) clean VAE mean
@@ -256,10 +256,10 @@ class ConceptGenerator:
             raise ValueError(f"concept {concept.content_hash} has RRA weights: pass the "
                              "reference_image (3, H, W) in [-1, 1]")
         c = self.components
-        active = _ActiveConcept(concept, apply_token_and_kv(c, concept,
-                                                            base_model=c.source))
+        check_base_model(concept, c.source)  # a concept for another model says so first
+        active = _ActiveConcept(concept)
         try:
-            if has_rra:
+            if has_rra:  # before the LoRA: RRA's processors copy the projections it wraps
                 names = rra_layers_of(concept.tensors)
                 active.layers = names
                 active.rra = install_rra(c.unet, self.bank, names)
@@ -272,6 +272,7 @@ class ConceptGenerator:
                 caption = self.rra_config.inference_caption.format(
                     class_noun=concept.record.get("class_noun", ""))
                 active.reference_states = self._encode_prompts([caption])
+            active.weights = apply_without_rra(c, concept, base_model=c.source)
         except Exception:
             active.remove()
             raise

@@ -23,9 +23,13 @@ from eqdiff.method.export import (
     TEXTUAL_INVERSION_FILE,
     export_concept,
 )
+from eqdiff.method.lora import install_unet_lora, lora_learned_tensors
+from eqdiff.method.models import load_sd_components
 from flows.cli import EXIT_REFUSED, main
 
-KINDS = ["textual-inversion", "custom-diffusion", "eqdiff-no-rra"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+KINDS = ["textual-inversion", "custom-diffusion", "eqdiff-no-rra", "dreambooth-lora"]
 PROMPT = "a <eqd> ball on the beach"
 SEED = 7
 
@@ -55,8 +59,14 @@ def concept_of_kind(tiny_sd, folder, kind: str) -> Concept:
     tensors = dict(random_concept(tiny_sd, folder / "source", rra=False).tensors)
     if kind != "eqdiff-no-rra":
         tensors["eqdiff_token.vectors"] = tensors["eqdiff_token.vectors"][:1]
-    if kind == "textual-inversion":
+    if kind in ("textual-inversion", "dreambooth-lora"):
         tensors = {k: v for k, v in tensors.items() if not k.startswith("eqdiff_kv.")}
+    if kind == "dreambooth-lora":  # a LoRA whose B is no longer zero
+        unet = load_sd_components(tiny_sd, local_files_only=True).unet
+        handle = install_unet_lora(unet, 4, torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(2)
+        tensors.update({name: t + 0.05 * torch.randn(t.shape, generator=gen)
+                        for name, t in lora_learned_tensors(handle).items()})
     record = {"subject": "ball", "class_noun": "ball", "placeholder_token": "<eqd>",
               "method": {"name": kind}}
     return load_concept(save_concept(folder / kind, tensors, record, base_model=tiny_sd))
@@ -89,8 +99,9 @@ def exported(tiny_sd, tmp_path_factory):
 def test_plain_diffusers_draws_what_apply_concept_draws(exported, tiny_sd, kind):
     concept, result, plain = exported[kind]
     files = {part.file for part in result.parts}
-    assert files == ({TEXTUAL_INVERSION_FILE} if kind == "textual-inversion"
-                     else {TEXTUAL_INVERSION_FILE, CUSTOM_DIFFUSION_FILE})
+    assert files == {"textual-inversion": {TEXTUAL_INVERSION_FILE},
+                     "dreambooth-lora": {TEXTUAL_INVERSION_FILE, LORA_FILE}}.get(
+        kind, {TEXTUAL_INVERSION_FILE, CUSTOM_DIFFUSION_FILE})
     assert result.left_out == []
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
     base = draw(pipe)
@@ -132,9 +143,9 @@ def test_residual_reference_attention_is_reported_as_left_out(tiny_sd, tmp_path)
 
 def test_a_kind_of_tensor_without_a_writer_is_refused(tiny_sd, tmp_path):
     concept = random_concept(tiny_sd, tmp_path / "concept", rra=False)
-    unknown = Concept({**concept.tensors, "eqdiff_lora.up.weight": torch.ones(2, 2)},
+    unknown = Concept({**concept.tensors, "eqdiff_hypernet.up.weight": torch.ones(2, 2)},
                       concept.record)
-    with pytest.raises(ConceptError, match=r"under eqdiff_lora\. have no diffusers export"):
+    with pytest.raises(ConceptError, match=r"under eqdiff_hypernet\. have no diffusers export"):
         export_concept(unknown, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

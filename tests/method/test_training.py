@@ -36,6 +36,7 @@ from eqdiff.method.training import (
     LogProgress,
     ProgressBar,
     StepResult,
+    adapter_extensions,
     builtin_extensions,
     check_extensions,
     train_concept,
@@ -53,7 +54,7 @@ def config(steps=4, **train) -> RunConfig:
                                        learning_rate=1e-3, checkpoint_every=2, **train))
 
 
-NO_RRA_METHODS = ["eqdiff-no-rra", "custom-diffusion", "textual-inversion"]
+NO_RRA_METHODS = ["eqdiff-no-rra", "custom-diffusion", "textual-inversion", "dreambooth-lora"]
 
 
 def test_placeholder_gets_lf_hf_or_both_as_drawn(tiny_sd):
@@ -178,7 +179,7 @@ def test_installed_processors_replace_only_the_named_layers_until_removed(tiny_s
 @pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
 def test_the_trainers_own_extensions_provide_every_switch_but_rra(method):
     preset = method_preset(method)
-    own = builtin_extensions(preset, RunConfig().losses)
+    own = builtin_extensions(preset, RunConfig().losses) + adapter_extensions(preset)
     provided = set().union(*(extension.provides for extension in own))
     assert provided == {s for s in EXTENSION_SWITCHES if getattr(preset, s)} - {"rra", "rra_loss"}
     if preset.rra:
@@ -203,6 +204,7 @@ def test_every_method_trains_and_freezes_the_rest(tiny_sd, method):
     assert "eqdiff_token.vectors" in names
     assert trained.tensors["eqdiff_token.vectors"].shape[0] == (2 if preset.fdte else 1)
     assert any(n.startswith("eqdiff_kv.") for n in names) == preset.train_kv
+    assert any(n.startswith("eqdiff_lora.") for n in names) == preset.unet_lora
     assert {k: v for k, v in c.unet.state_dict().items() if k in frozen_before}.keys() == (
         frozen_before.keys())
     for key, value in c.unet.state_dict().items():

@@ -567,7 +567,7 @@ def test_every_preset_moves_its_trainable_tensors_and_nothing_else(fixed_draw_ru
     assert run.optimized == run.requires_grad  # nothing else could receive a gradient
     prefixes = {name.split(".")[0] for name in run.learned_after}
     assert prefixes == {"eqdiff_token"} | ({"eqdiff_kv"} if method.train_kv else set()) | (
-        {"eqdiff_rra"} if method.rra else set())
+        {"eqdiff_rra"} if method.rra else set()) | ({"eqdiff_lora"} if method.unet_lora else set())
     assert run.learned_after.keys() == run.learned_before.keys()
     # Every trainable tensor moves, the RRA layers' included. On these draws the first update
     # closes one layer's gate at every position (m < 0) in `eqdiff` and `eqdiff-no-fdte`; the
@@ -578,15 +578,16 @@ def test_every_preset_moves_its_trainable_tensors_and_nothing_else(fixed_draw_ru
         if name != "eqdiff_token.vectors":
             assert not torch.equal(after, run.learned_before[name]), name
     # S_LF moves when a low or full row was drawn, S_HF when a high or full row was; a vector
-    # no drawn band uses gets no gradient and stays bit-identical (no weight decay here)
+    # no drawn band uses gets no gradient and stays bit-identical (no weight decay here), and
+    # a method that does not train the token keeps its initializer's vector
     vectors_before = run.learned_before["eqdiff_token.vectors"]
     vectors_after = run.learned_after["eqdiff_token.vectors"]
     assert vectors_after.shape[0] == (2 if method.fdte else 1)
     for row in range(vectors_after.shape[0]):
-        used = any(DOCUMENTED_MIX[band][row] for band in run.draws.bands)
+        used = any(DOCUMENTED_MIX[band][row] for band in run.draws.bands) and method.train_token
         assert used == (not torch.equal(vectors_after[row], vectors_before[row])), (row, used)
-    # the base model, back without its processors: bit-identical, the placeholder's table row
-    # included (it keeps the initializer's embedding)
+    # the base model, back without its processors and adapters: bit-identical, the
+    # placeholder's table row included (it keeps the initializer's embedding)
     assert run.frozen_after.keys() == run.frozen_before.keys()
     for name, before in run.frozen_before.items():
         after = run.frozen_after[name]

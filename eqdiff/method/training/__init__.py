@@ -30,6 +30,7 @@ from eqdiff.method.training.extensions import (
     CrossAttentionLossExtension,
     CustomKVExtension,
     TrainingExtension,
+    adapter_extensions,
     builtin_extensions,
     check_extensions,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "TrainedConcept",
     "TrainingCallback",
     "TrainingExtension",
+    "adapter_extensions",
     "autocast_dtype",
     "builtin_extensions",
     "check_extensions",

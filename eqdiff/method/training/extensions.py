@@ -8,11 +8,14 @@ The trainer builds the extensions of Custom Diffusion's cross-attention from the
 :class:`eqdiff.method.reference.RRAExtension` — and :func:`check_extensions` refuses a method
 whose switches no extension provides.
 
-The trainer keeps the list in one order — its own extensions, then the caller's — and uses it
-for everything in that order: installing, drawing, the passes before the UNet, loss terms and
-learned tensors; the optimizer gets the placeholder vectors, then each extension's parameters.
-The order is part of a run's identity (the same draws, the same parameter order, the same
-checkpoint), so it never changes.
+The trainer keeps the list in one order — its own extensions, then the caller's, then its
+adapters (:func:`adapter_extensions`: the UNet LoRA of ``method.unet_lora``,
+:class:`~eqdiff.method.lora.UNetLoRAExtension`), which wrap the UNet's projection layers and so
+come after everything that copies them (the K/V copies, RRA's processors and reference UNet) —
+and uses it for everything in that order: installing, drawing, the passes before the UNet, loss
+terms and learned tensors; the optimizer gets the placeholder vectors, then each extension's
+parameters. The order is part of a run's identity (the same draws, the same parameter order,
+the same checkpoint), so it never changes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from eqdiff.method.attention import (
     kv_parameters,
     load_kv_tensors,
 )
+from eqdiff.method.lora import UNetLoRAExtension
 from eqdiff.method.losses import cross_attention_mask_loss
 
 if TYPE_CHECKING:
@@ -42,7 +46,8 @@ if TYPE_CHECKING:
 EXTENSION_SWITCHES = {"train_kv": "Custom-Diffusion K/V copies",
                       "xattn_loss": "the cross-attention mask loss",
                       "rra": "residual reference attention",
-                      "rra_loss": "the RRA attention loss"}
+                      "rra_loss": "the RRA attention loss",
+                      "unet_lora": "the UNet LoRA"}
 
 
 class TrainingExtension(Protocol):
@@ -221,6 +226,12 @@ def builtin_extensions(method: MethodConfig, losses: LossConfig) -> list[Trainin
     if method.train_kv or loss is not None:
         extensions.append(CustomKVExtension(train_kv=method.train_kv, loss=loss))
     return extensions
+
+
+def adapter_extensions(method: MethodConfig) -> list[TrainingExtension]:
+    """The trainer's extensions that wrap the UNet's own layers, last in the list (after the
+    caller's): the UNet LoRA when ``method.unet_lora``."""
+    return [UNetLoRAExtension(method.recipe.lora_rank)] if method.unet_lora else []
 
 
 def check_extensions(method: MethodConfig, extensions: list[TrainingExtension]) -> None:

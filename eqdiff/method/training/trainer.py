@@ -5,8 +5,8 @@ Everything fixed is computed once at set-up (latent distributions of the full, l
 band images, latent masks, the class prompt's embeddings, tokenised prompts). All randomness
 comes from one CPU ``torch.Generator`` seeded from the config, so a run is reproducible on any
 device and its state (learned tensors, optimizer state, step, generator state) resumes
-bit-identically. What a method adds to the UNet — K/V copies, the mask loss, RRA — comes in
-through :mod:`~eqdiff.method.training.extensions`.
+bit-identically. What a method adds to the UNet — K/V copies, the mask loss, RRA, the UNet
+LoRA — comes in through :mod:`~eqdiff.method.training.extensions`.
 
 A step has two halves. The host half draws every random number of the step from the CPU
 generator (:class:`~eqdiff.method.training.batch.StepDraws`) and copies them into persistent
@@ -55,6 +55,7 @@ from eqdiff.method.training.batch import STEP_INPUTS, ConceptData, StepBatch, St
 from eqdiff.method.training.callbacks import StepResult
 from eqdiff.method.training.extensions import (
     TrainingExtension,
+    adapter_extensions,
     builtin_extensions,
     check_extensions,
 )
@@ -73,13 +74,16 @@ class ConceptTrainer:
 
     ``extensions`` are the caller's (RRA); the trainer puts its own
     (:func:`~eqdiff.method.training.extensions.builtin_extensions`: the mask loss, the K/V
-    copies) before them, and refuses a method that turns on something no extension provides.
+    copies) before them and its adapters
+    (:func:`~eqdiff.method.training.extensions.adapter_extensions`: the UNet LoRA) after them,
+    and refuses a method that turns on something no extension provides.
     """
 
     def __init__(self, components: SDComponents, data: ConceptData, config: RunConfig,
                  method: MethodConfig, *, device: torch.device | str = "cpu",
                  extensions: Sequence[TrainingExtension] = ()) -> None:
-        self.extensions = [*builtin_extensions(method, config.losses), *extensions]
+        self.extensions = [*builtin_extensions(method, config.losses), *extensions,
+                           *adapter_extensions(method)]
         check_extensions(method, self.extensions)  # before anything is changed
         self.components = components.freeze()
         self.config, self.method = config, method
