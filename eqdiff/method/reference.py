@@ -39,6 +39,7 @@ from eqdiff.config import GateGradient, MethodConfig, RRABlock, RRAConfig, RRALo
 from eqdiff.method.attention import (
     KeyValue,
     ProcessorHandle,
+    cross_attention_sides,
     install_processors,
     trainable_copy,
 )
@@ -473,14 +474,19 @@ class RRAExtension:
         if self.method.rra_loss:
             self.loss_form = trainer.config.losses.rra_loss_form
             released = self.loss_form == "released"
-            self.capture = ReferenceAttentionCapture(
-                self.loss_resolution, min_side=self.loss_resolution if released else 1)
             if released:
                 loss_names = [name for name in names if name.startswith(BLOCK_PREFIXES["up"])]
                 if not loss_names:
                     raise ValueError(f"the released RRA loss reads up-block layers, and rra.blocks "
                                      f"{self.config.blocks} has none: add 'up' or set "
                                      "losses.rra_loss_form='per-layer'")
+                # the coarsest up-block layers: 16×16 for SD-1.x at 512 px, as released
+                sides = cross_attention_sides(unet, trainer.instance_latents[Band.FULL][0]
+                                              .shape[-1])
+                self.loss_resolution = min(sides[name.replace(".attn1.", ".attn2.")]
+                                           for name in loss_names)
+            self.capture = ReferenceAttentionCapture(
+                self.loss_resolution, min_side=self.loss_resolution if released else 1)
         self.reference_unet = frozen_reference_unet(unet, share_weights=self.share_weights)
         install_reference_writers(self.reference_unet, self.bank, names)
         self.handle = install_rra(unet, self.bank, names, capture=self.capture,
