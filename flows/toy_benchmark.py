@@ -72,7 +72,7 @@ class ToyBenchmarkParams(BaseModel):
                                run_id=f"toybench-s{seed}", overrides=overrides)
 
 
-def provenance(params: ToyBenchmarkParams, seconds: dict[int, float]) -> dict:
+def provenance(params: ToyBenchmarkParams, seconds: dict[int, float], commit: str) -> dict:
     """What the benchmark's numbers come from: parameters, each method's training settings as
     resolved, code commit, package versions, model hashes, machine and time per seed."""
     models = fixture_models("toy", ".")
@@ -82,7 +82,7 @@ def provenance(params: ToyBenchmarkParams, seconds: dict[int, float]) -> dict:
         "training": {method.name: {key: getattr(config.training(method), key) for key in (
             "steps", "instance_batch", "prior_batch", "gradient_accumulation",
             "learning_rate", "initializer_token")} for method in config.methods},
-        "commit": source_commit(Path(__file__).resolve().parent.parent),
+        "commit": commit,
         "packages": package_versions(),
         "models": {role: model_identity(folder) for role, folder in (
             ("base", models.base), ("clip", models.clip), ("dino", models.dino))},
@@ -97,6 +97,7 @@ def toy_benchmark(params: ToyBenchmarkParams | None = None) -> dict:
     with paired differences over (subject, seed) units."""
     params = params or ToyBenchmarkParams()
     log = get_run_logger()
+    commit = source_commit(Path(__file__).resolve().parent.parent)  # the code that runs
     frames, seconds = [], {}
     for seed in params.seeds:
         run_params = params.run_params(seed)
@@ -116,7 +117,7 @@ def toy_benchmark(params: ToyBenchmarkParams | None = None) -> dict:
     scores.to_csv(out / "scores.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     differences.to_csv(out / "differences.csv", index=False)
-    record = provenance(params, seconds)
+    record = provenance(params, seconds, commit)
     (out / "benchmark.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(summary)
     compared = differences_markdown(differences)
