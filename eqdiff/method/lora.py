@@ -40,9 +40,10 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from eqdiff.method.attention import attention_modules
+from eqdiff.method.training.extensions import WeightsOnlyExtension
 
 if TYPE_CHECKING:
-    from eqdiff.method.training import ConceptData, ConceptTrainer, StepBatch
+    from eqdiff.method.training import ConceptData, ConceptTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def write_diffusers_lora(tensors: Mapping[str, Tensor], folder: str | Path) -> P
     return folder / LORA_WEIGHT_NAME_SAFE
 
 
-class UNetLoRAExtension:
+class UNetLoRAExtension(WeightsOnlyExtension):
     """The UNet LoRA for :func:`eqdiff.method.training.train_concept` (the
     ``TrainingExtension`` seam): provides the method switch ``unet_lora``. Its trainable
     tensors are the adapter's A and B matrices (``eqdiff_lora.`` tensors); the trainer installs
@@ -238,21 +239,6 @@ class UNetLoRAExtension:
     def parameters(self) -> list[nn.Parameter]:
         assert self.handle is not None, "install() first"
         return list(lora_parameters(self.handle).values())
-
-    def networks(self) -> list[nn.Module]:
-        return []
-
-    def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
-        return {}
-
-    def before_unet(self, batch: StepBatch) -> None:
-        pass
-
-    def loss_terms(self, batch: StepBatch) -> dict[str, Tensor]:
-        return {}
-
-    def after_step(self) -> None:
-        pass
 
     def learned_tensors(self) -> dict[str, Tensor]:
         assert self.handle is not None, "install() first"

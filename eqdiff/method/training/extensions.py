@@ -35,7 +35,6 @@ from eqdiff.method.attention import (
     kv_parameters,
     load_kv_tensors,
 )
-from eqdiff.method.lora import UNetLoRAExtension
 from eqdiff.method.losses import cross_attention_mask_loss
 
 if TYPE_CHECKING:
@@ -90,6 +89,26 @@ class TrainingExtension(Protocol):
     def learned_tensors(self) -> dict[str, Tensor]: ...
 
     def load_learned_tensors(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+class WeightsOnlyExtension:
+    """The step hooks of an extension that only adds trained weights to the UNet (K/V copies,
+    a LoRA): no networks of its own, no draws, nothing before the UNet, no loss terms."""
+
+    def networks(self) -> list[nn.Module]:
+        return []
+
+    def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def before_unet(self, batch: StepBatch) -> None:
+        pass
+
+    def loss_terms(self, batch: StepBatch) -> dict[str, Tensor]:
+        return {}
+
+    def after_step(self) -> None:
+        pass
 
 
 class CrossAttentionLossExtension:
@@ -157,7 +176,7 @@ class CrossAttentionLossExtension:
         pass
 
 
-class CustomKVExtension:
+class CustomKVExtension(WeightsOnlyExtension):
     """Custom Diffusion's cross-attention processors (docs/method.md §3) on every
     cross-attention layer of the trained UNet: trainable K/V copies when ``train_kv``
     (``eqdiff_kv.`` tensors), and recording into ``loss``'s capture when given.
@@ -192,21 +211,6 @@ class CustomKVExtension:
         assert self.handle is not None, "install() first"
         return kv_parameters(self.handle)
 
-    def networks(self) -> list[nn.Module]:
-        return []
-
-    def draw(self, step: int, instance_indices: Tensor) -> dict[str, Tensor]:
-        return {}
-
-    def before_unet(self, batch: StepBatch) -> None:
-        pass
-
-    def loss_terms(self, batch: StepBatch) -> dict[str, Tensor]:
-        return {}
-
-    def after_step(self) -> None:
-        pass
-
     def learned_tensors(self) -> dict[str, Tensor]:
         assert self.handle is not None, "install() first"
         return kv_learned_tensors(self.handle)
@@ -231,7 +235,11 @@ def builtin_extensions(method: MethodConfig, losses: LossConfig) -> list[Trainin
 def adapter_extensions(method: MethodConfig) -> list[TrainingExtension]:
     """The trainer's extensions that wrap the UNet's own layers, last in the list (after the
     caller's): the UNet LoRA when ``method.unet_lora``."""
-    return [UNetLoRAExtension(method.recipe.lora_rank)] if method.unet_lora else []
+    if not method.unet_lora:
+        return []
+    from eqdiff.method.lora import UNetLoRAExtension  # lora builds on this module
+
+    return [UNetLoRAExtension(method.recipe.lora_rank)]
 
 
 def check_extensions(method: MethodConfig, extensions: list[TrainingExtension]) -> None:
