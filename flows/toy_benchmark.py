@@ -9,6 +9,7 @@ as a Prefect artifact and as files (``summary.csv``, ``summary.md``, ``summary.p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,7 @@ from eqdiff.fixtures.toyworld.benchmark import (
     markdown_table,
     paired_differences,
     plot_summary,
+    sample_grid,
     summarise,
 )
 from eqdiff.method.models import model_identity
@@ -124,6 +127,9 @@ def toy_benchmark(params: ToyBenchmarkParams | None = None) -> dict:
     (out / "summary.md").write_text(
         f"{table}\n## Paired differences\n\n{compared}\n", encoding="utf-8")
     plot_summary(summary, out / "summary.png")
+    first = scores[scores["bench_seed"] == params.seeds[0]]
+    sample_grid(first, lambda key: Image.open(io.BytesIO(store.get_bytes(key))).convert("RGB"),
+                sorted(set(first["subject"]))[0], out / f"samples_seed{params.seeds[0]}.png")
     create_table_artifact(key="toy-benchmark", table=summary.round(4).to_dict(orient="records"),
                           description="Toy benchmark: mean ± sd over seeds per method and "
                                       "prompt change")
