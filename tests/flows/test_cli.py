@@ -38,7 +38,7 @@ def test_a_misspelled_override_is_refused_at_submission_with_the_closest_key() -
     from flows.params import CustomizeParams
 
     with pytest.raises(ValidationError, match=r"'train\.learnin_rate'; did you mean "
-                                              r"'train\.learning_rate'\?"):
+                                              r"'train\.learning_rate'"):
         CustomizeParams(overrides={"train.learnin_rate": 1e-5})
     assert CustomizeParams(overrides={"train.learning_rate": 1e-5}).overrides
 
